@@ -1,0 +1,42 @@
+# The course's commands. `make test` and `make run` set everything up by themselves.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+OUT    ?= out
+
+.PHONY: setup test unit notebooks run bench notebooks-refresh clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import torch, torchvision, datasets, pycocotools, nbval, matplotlib, tqdm"
+	touch $@
+
+## unit tests, then every notebook executed by nbval in fast mode (CPU, offline)
+test: unit notebooks
+
+unit: setup
+	$(PY) -m pytest -q tests
+
+notebooks: setup
+	FRCNN_FAST=1 MPLBACKEND=Agg $(PY) -m pytest -q --nbval-lax -p no:cacheprovider notebooks
+
+## execute the six notebooks in fast mode; executed copies and figures go to $(OUT)/
+run: setup
+	FRCNN_FAST=1 $(PY) tools/run_notebooks.py --out $(OUT)
+
+## rewrite the outputs stored in notebooks/ from a real fast-mode run
+notebooks-refresh: setup
+	FRCNN_FAST=1 $(PY) tools/run_notebooks.py --in-place
+
+## speed and memory figures, one `name: value` line each
+bench: setup
+	$(PY) benchmarks/bench_ops.py
+	$(PY) benchmarks/bench_model.py
+	$(PY) benchmarks/bench_train.py
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,31 @@
+"""Shared by the benchmark scripts: timing side by side and the `name: value` output format."""
+
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def side_by_side(fns, repeats, warmup=2):
+    """Median seconds of each function, calls alternating between them after a warm-up, so that
+    a background load or a clock change slows all of them alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, t in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def report(name, value):
+    """Print one figure as ``name: value`` (3 significant digits for floats)."""
+    text = str(value) if isinstance(value, int) else f"{value:.3g}"
+    print(f"{name}: {text}", flush=True)

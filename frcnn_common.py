@@ -1,0 +1,2468 @@
+"""Faster R-CNN from scratch: the companion module of the course.
+
+Every notebook imports from here, and so can your own experiments. The file reads top to
+bottom in the order data flows through a detector:
+
+1. constants          image size, classes, device, ImageNet statistics, COCO names
+2. box utilities/ops  IoU, the box coder, NMS and RoIAlign in plain PyTorch
+3. data               the COCO stream, local and synthetic sources, collate
+4. backbone           ResNet-50 with frozen BatchNorm, the feature pyramid
+5. RPN                anchors, the RPN head, proposals and their losses
+6. ROI head           multi-level RoIAlign, the two-layer head, the predictor
+7. detector           ``FasterRCNN``, its factories, loading torchvision's weights
+8. training           one epoch with AMP, checkpoints, the fit loop
+9. evaluation         COCO mAP with pycocotools, drawing helpers
+
+Conventions used throughout
+---------------------------
+* Images are float tensors ``[3, H, W]`` normalised with ``IMAGENET_MEAN``/``IMAGENET_STD``.
+* Boxes are absolute pixels ``[x1, y1, x2, y2]`` (x right, y down), float32.
+* Labels are ``1..num_classes-1``; ``0`` is the background. ``num_classes`` counts it.
+
+The mathematics follows torchvision's ``fasterrcnn_resnet50_fpn`` line by line, so its published
+COCO weights load into ``FasterRCNN.from_torchvision`` and give the same detections.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import io
+import json
+import math
+import os
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from tqdm.auto import tqdm
+
+Tensor = torch.Tensor
+
+# ─── 1. Constants ──────────────────────────────────────────────────────────────────────────────
+
+IMG_SIZE = 400
+"""Training resolution in pixels: the shorter image side (or the square side in ``"square"``
+resize mode). 400 px keeps the notebook-05 training run inside 16 GB of GPU memory."""
+
+NUM_CLASSES = 81
+"""Classes the COCO detector predicts, background included: index 0 is the background and
+1..80 are the COCO categories of ``COCO_NAMES``."""
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+"""The device the notebooks use: CUDA when available, else the CPU."""
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+"""Per-channel mean of ImageNet RGB images in [0, 1], shape [3, 1, 1]."""
+
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+"""Per-channel standard deviation of ImageNet RGB images in [0, 1], shape [3, 1, 1]."""
+
+COCO_NAMES = [
+    "__background__",
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush",
+]  # fmt: skip
+"""The 81 class names: index 0 is ``"__background__"``, 1..80 the COCO categories in order."""
+
+COCO_CATEGORY_IDS = [
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28,
+    31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55,
+    56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84,
+    85, 86, 87, 88, 89, 90,
+]  # fmt: skip
+"""The official (sparse) COCO category id of each contiguous label 1..80:
+``COCO_CATEGORY_IDS[label - 1]``. The official annotation files and torchvision's 91-way COCO
+head index classes by these ids; the course uses the contiguous labels."""
+
+BBOX_XFORM_CLIP = math.log(1000.0 / 16)
+"""Upper bound on the predicted log-scale deltas dw, dh before ``exp``: a box may grow at most
+1000/16 = 62.5 times its reference, which keeps ``exp`` finite early in training."""
+
+
+def unreachable_reason(url: str, timeout: float = 5.0) -> Optional[str]:
+    """``None`` if the server of ``url`` answers a HEAD request within ``timeout`` seconds (any
+    HTTP status counts as an answer), else why not, in words.
+
+    Downloads (the Hugging Face hub, torchvision's weights) otherwise hang for minutes on a
+    machine without a network. The request honours proxy settings and runs in a daemon thread,
+    so that even a stuck DNS lookup or a silent server cannot block the caller.
+    """
+    import threading
+    import urllib.error
+    import urllib.request
+
+    outcome: List[Optional[BaseException]] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout)
+            outcome.append(None)
+        except urllib.error.HTTPError:  # the server answered, if only with an error code
+            outcome.append(None)
+        except Exception as err:  # noqa: BLE001 - any other failure means "unreachable"
+            outcome.append(err)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    if not outcome:
+        return f"{url} gave no answer within {timeout:g} s"
+    return None if outcome[0] is None else f"{url} is unreachable ({outcome[0]})"
+
+
+# ─── 2. Box utilities and ops ──────────────────────────────────────────────────────────────────
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """Area of boxes ``[N, 4]`` (x1, y1, x2, y2) in square pixels, shape ``[N]``."""
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def box_iou(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
+    """Pairwise intersection over union, ``[N, 4] x [M, 4] -> [N, M]``.
+
+    IoU(a, b) = |a ∩ b| / (|a| + |b| - |a ∩ b|), computed exactly as ``torchvision.ops.box_iou``
+    (no epsilon, so two zero-area boxes give NaN there too; the detector never compares such boxes).
+    """
+    area_a, area_b = box_area(boxes_a), box_area(boxes_b)
+    top_left = torch.max(boxes_a[:, None, :2], boxes_b[None, :, :2])
+    bottom_right = torch.min(boxes_a[:, None, 2:], boxes_b[None, :, 2:])
+    wh = (bottom_right - top_left).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area_a[:, None] + area_b[None, :] - inter)
+
+
+def encode_boxes(
+    reference: Tensor, gt_boxes: Tensor, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0)
+) -> Tensor:
+    """Regression targets that move each reference box onto its ground-truth box.
+
+    With reference centre/size (x_a, y_a, w_a, h_a), box (x, y, w, h) and weights (wx, wy, ww, wh)::
+
+        dx = wx (x - x_a) / w_a     dy = wy (y - y_a) / h_a
+        dw = ww log(w / w_a)        dh = wh log(h / h_a)
+
+    Args:
+        reference: ``[N, 4]`` anchors or proposals.
+        gt_boxes: ``[N, 4]`` the matched ground-truth boxes.
+        weights: the RPN uses (1, 1, 1, 1), the ROI head (10, 10, 5, 5), which scales the
+            targets of the second stage up to a unit-ish range.
+
+    Returns:
+        ``[N, 4]`` deltas (dx, dy, dw, dh); :func:`decode_boxes` inverts them.
+    """
+    wx, wy, ww, wh = weights
+    ref_w = reference[:, 2] - reference[:, 0]
+    ref_h = reference[:, 3] - reference[:, 1]
+    ref_x = reference[:, 0] + 0.5 * ref_w
+    ref_y = reference[:, 1] + 0.5 * ref_h
+    gt_w = gt_boxes[:, 2] - gt_boxes[:, 0]
+    gt_h = gt_boxes[:, 3] - gt_boxes[:, 1]
+    gt_x = gt_boxes[:, 0] + 0.5 * gt_w
+    gt_y = gt_boxes[:, 1] + 0.5 * gt_h
+    return torch.stack(
+        (
+            wx * (gt_x - ref_x) / ref_w,
+            wy * (gt_y - ref_y) / ref_h,
+            ww * torch.log(gt_w / ref_w),
+            wh * torch.log(gt_h / ref_h),
+        ),
+        dim=1,
+    )
+
+
+def decode_boxes(
+    reference: Tensor, deltas: Tensor, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0)
+) -> Tensor:
+    """Apply deltas to reference boxes: the inverse of :func:`encode_boxes`.
+
+    Args:
+        reference: ``[N, 4]`` anchors or proposals.
+        deltas: ``[N, 4 * K]``, K sets of (dx, dy, dw, dh) per box (K = 1 in the RPN, one per class
+            in the ROI head).
+        weights: the same weights the deltas were encoded with.
+
+    Returns:
+        ``[N, 4 * K]`` boxes. dw and dh are clamped at ``BBOX_XFORM_CLIP`` before ``exp``.
+    """
+    reference = reference.to(deltas.dtype)
+    wx, wy, ww, wh = weights
+    ref_w = reference[:, 2:3] - reference[:, 0:1]
+    ref_h = reference[:, 3:4] - reference[:, 1:2]
+    ref_x = reference[:, 0:1] + 0.5 * ref_w
+    ref_y = reference[:, 1:2] + 0.5 * ref_h
+    dx, dy = deltas[:, 0::4] / wx, deltas[:, 1::4] / wy
+    dw = (deltas[:, 2::4] / ww).clamp(max=BBOX_XFORM_CLIP)
+    dh = (deltas[:, 3::4] / wh).clamp(max=BBOX_XFORM_CLIP)
+    x = dx * ref_w + ref_x
+    y = dy * ref_h + ref_y
+    half_w = 0.5 * torch.exp(dw) * ref_w
+    half_h = 0.5 * torch.exp(dh) * ref_h
+    return torch.stack((x - half_w, y - half_h, x + half_w, y + half_h), dim=2).flatten(1)
+
+
+def clip_boxes(boxes: Tensor, image_size: Tuple[int, int]) -> Tensor:
+    """Clip boxes ``[..., 4]`` to an image of ``(height, width)`` pixels."""
+    height, width = image_size
+    x = boxes[..., 0::2].clamp(min=0, max=width)
+    y = boxes[..., 1::2].clamp(min=0, max=height)
+    return torch.stack((x, y), dim=-1).reshape(boxes.shape)
+
+
+def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
+    """Indices of the boxes ``[N, 4]`` whose width and height are both at least ``min_size``."""
+    w = boxes[:, 2] - boxes[:, 0]
+    h = boxes[:, 3] - boxes[:, 1]
+    return torch.where((w >= min_size) & (h >= min_size))[0]
+
+
+# >>> OPS: nms, batched_nms, roi_align (pure PyTorch) and the backend switch go here <<<
+# ─── 2b. Ops in plain PyTorch: NMS, RoIAlign, and the backend switch ────────────────────────────
+#
+# The detector calls three ops that torchvision ships as compiled kernels: ``nms``, ``batched_nms``
+# and ``roi_align``. This section writes them again with tensor operations only, so that you can
+# read what they do, and so that the model still runs where torchvision's kernels are missing.
+# They give the same results as torchvision's kernels: the same indices in the same order for NMS;
+# the same values up to float32 rounding (about 1e-6) for RoIAlign.
+# The model calls ``_nms``, ``_batched_nms`` and ``_roi_align``, which send each call to the
+# backend chosen with ``set_ops_backend`` ("torchvision" by default, or "pure").
+
+# ── NMS ──
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """The ops compute in float32, or in float64 when given float64."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _float32_threshold(threshold: float) -> float:
+    """The float32 value t with ``v > t  <=>  v > threshold`` for every float32 v.
+
+    torchvision compares the float32 IoU with the threshold as a double; PyTorch compares a float32
+    tensor with a Python number in float32, after rounding the number to float32. When rounding goes
+    up (0.3 becomes 0.30000001), an IoU equal to that rounded value would be kept by PyTorch but
+    suppressed by torchvision, so step one float32 down in that case.
+    """
+    t = torch.tensor(threshold, dtype=torch.float32)
+    if t.item() > threshold:
+        t = torch.nextafter(t, torch.tensor(-math.inf))
+    return t.item()
+
+
+def _overlap_matrix(a: Tensor, b: Tensor, threshold: float) -> Tensor:
+    """``[N, M]`` of 1.0 where ``IoU(a_i, b_j) > threshold`` and 0.0 elsewhere, for boxes given as
+    ``[5, N]`` and ``[5, M]`` rows (x1, y1, x2, y2, area), each row contiguous.
+
+    The IoU is computed as torchvision's NMS kernel does, operation by operation, so borderline
+    pairs are decided alike: ``inter / (area_a + area_b - inter)``, ``inter = w * h``,
+    ``w = max(0, min(x2) - max(x1))``. Two zero-area boxes give 0/0 = NaN: never above.
+    The result is a float 0/1 matrix because float kernels are several times faster than
+    boolean ones on the CPU; ``sign(iou - t)`` is exact (a float difference is 0 only when equal).
+    """
+    w = torch.minimum(a[2, :, None], b[2]).sub_(torch.maximum(a[0, :, None], b[0])).clamp_(min=0)
+    h = torch.minimum(a[3, :, None], b[3]).sub_(torch.maximum(a[1, :, None], b[1])).clamp_(min=0)
+    inter = w.mul_(h)
+    iou = inter.div_((a[4, :, None] + b[4]).sub_(inter))
+    return iou.nan_to_num_(nan=-math.inf).sub_(threshold).sign_().clamp_(min=0)
+
+
+def _same_group(g_a: Tensor, g_b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[N, M]`` of 1.0 where the groups (small non-negative integers) are equal, 0.0 elsewhere."""
+    d = g_a.to(dtype)[:, None] - g_b.to(dtype)[None, :]
+    return d.abs_().neg_().add_(1).clamp_(min=0)
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run the block below on one CPU thread (no-op elsewhere, or when already single-threaded).
+
+    The ops of this section run serially on the CPU, like torchvision's CPU kernels. NMS makes many
+    small tensor ops, where threads save little; and when the cores are shared with other processes
+    every parallel op waits for its slowest thread: on 2 busy cores, 2 threads made NMS 5-9x and
+    RoIAlign 2-5x slower than 1 thread. ``torch.set_num_threads`` is process-wide, so ops of other
+    Python threads run single-threaded meanwhile too.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _nms_block_size(device: torch.device) -> int:
+    # Small blocks on the CPU (less work against boxes that are already suppressed); big ones on an
+    # accelerator, where each block costs a few device->host syncs and the arithmetic is cheap.
+    return 256 if device.type == "cpu" else 4096
+
+
+def _greedy_nms_sorted(boxes: Tensor, threshold: float, groups: Optional[Tensor] = None) -> Tensor:
+    """Keep mask ``[N]`` of greedy NMS over boxes already sorted by decreasing score.
+
+    ``groups`` (``[N]`` int64 0, 1, 2..., non-decreasing) restricts suppression to boxes of the
+    same group.
+    The boxes are processed in blocks of B. For each block:
+
+    1. boxes that overlap a box kept in an earlier block are suppressed (one IoU matrix against the
+       kept boxes only, not all earlier boxes);
+    2. inside the block, greedy NMS is the unique solution of the fixed-point equation
+       ``keep_j = alive_j and not any_i<j (keep_i and IoU_ij > t)``. Iterating
+       ``keep <- alive & (keep @ S == 0)`` from ``keep = alive`` (Cluster-NMS), with ``S`` the
+       strict upper triangle of ``IoU > t``, makes ``keep_j`` exact after at most j steps; once an
+       iterate repeats it is the fixed point, hence the greedy answer. Checking for the repeat is
+       a device sync, so on an accelerator it is done only every 4 steps.
+    """
+    n = boxes.shape[0]
+    device, dtype = boxes.device, boxes.dtype
+    t = _float32_threshold(threshold) if dtype == torch.float32 else float(threshold)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    rows = torch.cat((boxes.t(), area[None])).contiguous()  # [5, N]: x1, y1, x2, y2, area
+    keep = torch.zeros(n, dtype=dtype, device=device)
+    kept = torch.zeros(0, dtype=torch.long, device=device)  # positions of the kept boxes so far
+    block = min(_nms_block_size(device), n)
+    upper = torch.ones(block, block, dtype=dtype, device=device).triu_(diagonal=1)
+    check_every = 1 if device.type == "cpu" else 4
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        r = rows[:, start:stop].contiguous()
+        g = groups[start:stop] if groups is not None else None
+        alive = torch.ones(stop - start, dtype=dtype, device=device)
+        candidates = kept
+        if g is not None and kept.shape[0] > 0:  # kept boxes of lower groups cannot touch this block
+            candidates = kept[int(torch.searchsorted(groups[kept], g[:1]).item()) :]
+        if candidates.shape[0] > 0:
+            hit = _overlap_matrix(r, rows[:, candidates], t)
+            if g is not None:
+                hit.mul_(_same_group(g, groups[candidates], dtype))
+            alive = 1.0 - hit.amax(dim=1)
+        s = _overlap_matrix(r, r, t).mul_(upper[: stop - start, : stop - start])
+        if g is not None:
+            s.mul_(_same_group(g, g, dtype))  # s[i, j] = 1: i (higher score) suppresses j
+        x = alive
+        while True:
+            previous = x
+            for _ in range(check_every):
+                x = alive * ((x @ s) == 0)
+            if torch.equal(x, previous):
+                break
+        keep[start:stop] = x
+        kept = torch.cat((kept, x.nonzero().squeeze(1) + start))
+    return keep > 0
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Non-maximum suppression, exactly as ``torchvision.ops.nms``, in tensor operations.
+
+    Greedy NMS visits the boxes from the highest score down and keeps a box unless it overlaps an
+    already kept box with IoU > ``iou_threshold``. Boxes of equal score are visited in index order
+    (a stable sort), as torchvision's CPU kernel does. Instead of a Python loop over the boxes
+    (one device sync per kept box), the greedy pass is solved for blocks of boxes at once from
+    their IoU matrix, see ``_greedy_nms_sorted``.
+
+    Args:
+        boxes: ``[N, 4]`` boxes (x1, y1, x2, y2).
+        scores: ``[N]`` scores.
+        iou_threshold: suppress when IoU > this value (strictly).
+
+    Returns:
+        int64 ``[K]``: indices of the kept boxes, by decreasing score. Computed in float32 (float64
+        for float64 boxes), also under autocast.
+    """
+    if boxes.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    dtype = _compute_dtype(boxes)
+    with torch.autocast(boxes.device.type, enabled=False), _one_cpu_thread(boxes.device):
+        order = torch.sort(scores.to(dtype), descending=True, stable=True)[1]
+        keep = _greedy_nms_sorted(boxes.to(dtype)[order], iou_threshold)
+    return order[keep]
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """NMS inside each category, exactly as ``torchvision.ops.batched_nms``.
+
+    A box only suppresses boxes with the same ``idxs`` value (its class, or its image).
+
+    Args:
+        boxes: ``[N, 4]`` boxes (x1, y1, x2, y2).
+        scores: ``[N]`` scores.
+        idxs: ``[N]`` integer category of each box.
+        iou_threshold: suppress when IoU > this value (strictly).
+
+    Returns:
+        int64 ``[K]``: indices of the kept boxes, by decreasing score; equal scores in index order.
+    """
+    if boxes.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    dtype = _compute_dtype(boxes)
+    with torch.autocast(boxes.device.type, enabled=False), _one_cpu_thread(boxes.device):
+        by_score = torch.sort(scores.to(dtype), descending=True, stable=True)[1]
+        by_group = torch.sort(idxs[by_score], stable=True)[1]
+        order = by_score[by_group]  # grouped by category, by decreasing score inside each
+        category = idxs[order]
+        new = torch.ones_like(category, dtype=torch.long)  # renumber the categories 0, 1, 2...
+        new[1:] = category[1:] != category[:-1]
+        groups = torch.cumsum(new, 0) - 1
+        keep = torch.zeros_like(by_score, dtype=torch.bool)
+        keep[order] = _greedy_nms_sorted(boxes.to(dtype)[order], iou_threshold, groups)
+    return by_score[keep[by_score]]
+
+
+# ── RoIAlign ──
+
+
+def _rois_from_boxes(boxes: Union[Tensor, Sequence[Tensor]]) -> Tensor:
+    """``[K, 5]`` rows (batch index, x1, y1, x2, y2) from either box format of ``roi_align``."""
+    if isinstance(boxes, Tensor):
+        if boxes.dim() != 2 or boxes.shape[1] != 5:
+            raise ValueError(f"boxes as a Tensor must be [K, 5], got {list(boxes.shape)}")
+        return boxes
+    for b in boxes:
+        if b.dim() != 2 or b.shape[1] != 4:
+            raise ValueError(f"boxes as a list must hold [L, 4] tensors, got {list(b.shape)}")
+    if len(boxes) == 0:
+        return torch.zeros(0, 5)
+    batch = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)])
+    return torch.cat((batch, torch.cat(list(boxes))), dim=1)
+
+
+def _bilinear_axis(coord: Tensor, size: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Neighbours and weights of sample coordinates along one axis, by torchvision's rules.
+
+    A sample outside ``[-1, size]`` is invalid (it contributes 0). Otherwise the coordinate is
+    clamped to ``>= 0``, and from ``size - 1`` on it sits on the last row (both neighbours equal).
+    Returns ``(low, high, w_low, w_high, valid)`` with ``w_low = 1 - (c - low)``, ``w_high = c - low``.
+    """
+    valid = (coord >= -1) & (coord <= size)
+    c = torch.where(valid, coord, torch.zeros_like(coord)).clamp(min=0)
+    low = c.floor()
+    last = low >= size - 1
+    low = torch.where(last, torch.full_like(low, size - 1), low)
+    c = torch.where(last, low, c)
+    frac = c - low
+    low_i = low.long()
+    high_i = torch.where(last, low_i, low_i + 1)
+    return low_i, high_i, 1.0 - frac, frac, valid
+
+
+_ROI_ALIGN_CHUNK = 1 << 20  # sampling points per chunk: bounds the temporary tensors (~150 MB)
+
+
+def _roi_align_chunk(
+    table: Tensor, rois: Tensor, shape: Tuple[int, int, int], out_hw: Tuple[int, int],
+    scale: float, sampling_ratio: int, aligned: bool,
+) -> Tensor:
+    """RoIAlign of ``rois`` as ``[K * ph * pw, C]`` from ``table`` = the map as ``[N*H*W, C]``."""
+    _, height, width = shape
+    ph, pw = out_hw
+    k = rois.shape[0]
+    device, dtype = rois.device, rois.dtype
+    offset = 0.5 if aligned else 0.0
+    x1 = rois[:, 1] * scale - offset
+    y1 = rois[:, 2] * scale - offset
+    roi_w = (rois[:, 3] * scale - offset) - x1
+    roi_h = (rois[:, 4] * scale - offset) - y1
+    if not aligned:  # legacy mode: malformed rois become 1 x 1
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    bin_w, bin_h = roi_w / pw, roi_h / ph
+    if sampling_ratio > 0:
+        grid_h = grid_w = torch.full((k,), sampling_ratio, dtype=torch.long, device=device)
+        total = k * ph * pw * sampling_ratio**2
+    else:  # adaptive grid: ceil(roi size / output size) points per bin and axis
+        grid_h = torch.nan_to_num(torch.ceil(bin_h), nan=0.0).clamp(min=0).long()
+        grid_w = torch.nan_to_num(torch.ceil(bin_w), nan=0.0).clamp(min=0).long()
+        total = int((grid_h * grid_w).sum().item()) * ph * pw
+    per_bin = grid_h * grid_w  # samples averaged in each bin of a roi
+    per_roi = per_bin * (ph * pw)
+
+    # One entry per sampling point, ordered (roi, bin row, bin col, grid row, grid col).
+    roi = torch.repeat_interleave(torch.arange(k, device=device), per_roi, output_size=total)
+    first = torch.cumsum(per_roi, 0) - per_roi
+    t = torch.arange(total, device=device) - first[roi]
+    n, gw = per_bin[roi], grid_w[roi]
+    bin_index = torch.div(t, n, rounding_mode="floor")
+    sample = t - bin_index * n
+    i = torch.div(bin_index, pw, rounding_mode="floor")
+    j = bin_index - i * pw
+    iy = torch.div(sample, gw, rounding_mode="floor")
+    ix = sample - iy * gw
+    # y = y1 + i * bin_h + (iy + 0.5) * bin_h / grid_h, in the kernel's order of operations.
+    bh, bw = bin_h[roi], bin_w[roi]
+    y = (y1[roi] + i.to(dtype) * bh) + ((iy.to(dtype) + 0.5) * bh) / grid_h[roi].to(dtype)
+    x = (x1[roi] + j.to(dtype) * bw) + ((ix.to(dtype) + 0.5) * bw) / gw.to(dtype)
+
+    y_lo, y_hi, wy_lo, wy_hi, y_ok = _bilinear_axis(y, height)
+    x_lo, x_hi, wx_lo, wx_hi, x_ok = _bilinear_axis(x, width)
+    base = rois[:, 0].long()[roi] * (height * width)
+    index = torch.stack(
+        (y_lo * width + x_lo, y_lo * width + x_hi, y_hi * width + x_lo, y_hi * width + x_hi), dim=1
+    ).add_(base[:, None])
+    weight = torch.stack((wy_lo * wx_lo, wy_lo * wx_hi, wy_hi * wx_lo, wy_hi * wx_hi), dim=1)
+    weight = weight * ((y_ok & x_ok).to(dtype) / per_bin[roi].clamp(min=1).to(dtype))[:, None]
+
+    # Each bin is a weighted sum of table rows: exactly what embedding_bag computes, fused.
+    if sampling_ratio > 0:
+        bag = 4 * sampling_ratio**2
+        return F.embedding_bag(
+            index.view(-1, bag), table, per_sample_weights=weight.view(-1, bag), mode="sum"
+        )
+    bag_sizes = torch.repeat_interleave(4 * per_bin, ph * pw)
+    offsets = torch.cumsum(bag_sizes, 0) - bag_sizes
+    return F.embedding_bag(
+        index.view(-1), table, offsets, per_sample_weights=weight.view(-1), mode="sum"
+    )
+
+
+def _split_rois_by_samples(
+    rois: Tensor, scale: float, out_hw: Tuple[int, int], aligned: bool
+) -> List[Tensor]:
+    """Split rois so each chunk has at most ~``_ROI_ALIGN_CHUNK`` adaptive sampling points."""
+    offset = 0.5 if aligned else 0.0
+    w = (rois[:, 3] * scale - offset) - (rois[:, 1] * scale - offset)
+    h = (rois[:, 4] * scale - offset) - (rois[:, 2] * scale - offset)
+    if not aligned:
+        w, h = w.clamp(min=1.0), h.clamp(min=1.0)
+    gh = torch.nan_to_num(torch.ceil(h / out_hw[0]), nan=0.0).clamp(min=0)
+    gw = torch.nan_to_num(torch.ceil(w / out_hw[1]), nan=0.0).clamp(min=0)
+    cum = torch.cumsum((gh * gw).double() * (out_hw[0] * out_hw[1]), 0)
+    if cum[-1].item() <= _ROI_ALIGN_CHUNK:
+        return [rois]
+    chunk_of = torch.div(cum - 1, _ROI_ALIGN_CHUNK, rounding_mode="floor").clamp(min=0).long()
+    sizes = torch.bincount(chunk_of).tolist()
+    return list(rois.split([s for s in sizes if s > 0]))
+
+
+def roi_align(
+    input: Tensor,
+    boxes: Union[Tensor, List[Tensor]],
+    output_size: Union[int, Tuple[int, int]],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> Tensor:
+    """RoIAlign (Mask R-CNN), exactly as ``torchvision.ops.roi_align``, in tensor operations.
+
+    Each box is scaled to the feature map (``x * spatial_scale``, minus 0.5 if ``aligned``) and cut
+    into ``ph x pw`` equal bins. Each bin averages the map, bilinearly interpolated, at a regular
+    ``gh x gw`` grid of points::
+
+        out[k, c, i, j] = 1/(gh gw) * sum_{a<gh, b<gw} f_c(y1 + (i + (a + 1/2)/gh) h/ph,
+                                                           x1 + (j + (b + 1/2)/gw) w/pw)
+
+    with (x1, y1) the box's top-left corner and h x w its size on the map, and f_c the bilinear
+    interpolation of channel c of the box's image. A point outside ``[-1, H] x [-1, W]`` counts as 0; otherwise it is clamped into the map.
+    Differentiable with respect to ``input`` (not ``boxes``, like torchvision).
+
+    Args:
+        input: ``[N, C, H, W]`` feature maps.
+        boxes: ``Tensor[K, 5]`` rows (batch index, x1, y1, x2, y2), or a list of N ``Tensor[L, 4]``,
+            one per image, in image pixels.
+        output_size: ``ph`` (square) or ``(ph, pw)``.
+        spatial_scale: feature-map pixels per image pixel, e.g. 1/4 for a stride-4 map.
+        sampling_ratio: ``gh = gw`` if > 0; else adaptive per box, ``ceil(h / ph)`` and
+            ``ceil(w / pw)`` (a box with an empty grid gives zeros).
+        aligned: shift by -0.5 pixel (pixel centres at integers). If False (the legacy mode, used by
+            Faster R-CNN), boxes are made at least 1 x 1.
+
+    Returns:
+        ``[K, C, ph, pw]``, contiguous, in ``input``'s dtype. Computed in float32 (float64 for a
+        float64 input), also under autocast, like torchvision's autocast rule (float32 inside,
+        result cast back to the input's dtype).
+    """
+    ph, pw = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    rois = _rois_from_boxes(boxes)
+    dtype = _compute_dtype(input)
+    n, c, height, width = input.shape
+    with torch.autocast(input.device.type, enabled=False), _one_cpu_thread(input.device):
+        rois = rois.to(device=input.device, dtype=dtype)
+        # The map as a table of N*H*W rows of C channels: the bilinear samples gather rows.
+        table = input.to(dtype).permute(0, 2, 3, 1).reshape(n * height * width, c)
+        if sampling_ratio > 0 or rois.shape[0] == 0:
+            points_per_roi = ph * pw * max(sampling_ratio, 1) ** 2
+            rois_per_chunk = max(1, _ROI_ALIGN_CHUNK // points_per_roi)
+            chunks = list(rois.split(rois_per_chunk)) or [rois]
+        else:  # adaptive: split where the running number of sampling points crosses the budget
+            chunks = _split_rois_by_samples(rois, spatial_scale, (ph, pw), aligned)
+        parts = [
+            _roi_align_chunk(
+                table, r, (n, height, width), (ph, pw), spatial_scale, sampling_ratio, aligned
+            )
+            for r in chunks
+        ]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        out = out.view(rois.shape[0], ph, pw, c).permute(0, 3, 1, 2).contiguous()
+    return out.to(input.dtype)
+
+
+# ── The backend switch ──
+
+OPS_BACKENDS = ("torchvision", "pure")
+"""The implementations of nms / batched_nms / roi_align the model can use: torchvision's compiled
+kernels, or the tensor-operation versions of this section."""
+
+_ops_backend = os.environ.get("FRCNN_OPS_BACKEND", "torchvision")
+if _ops_backend not in OPS_BACKENDS:
+    raise ValueError(f"FRCNN_OPS_BACKEND must be one of {OPS_BACKENDS}, got {_ops_backend!r}")
+
+
+def get_ops_backend() -> str:
+    """The backend the model's ops use now: ``"torchvision"`` or ``"pure"``."""
+    return _ops_backend
+
+
+def set_ops_backend(name: str) -> str:
+    """Make the model use ``name`` ("torchvision" or "pure") for NMS and RoIAlign.
+
+    The default is "torchvision", or the environment variable ``FRCNN_OPS_BACKEND``.
+    Returns the previous backend, so ``old = set_ops_backend("pure") ... set_ops_backend(old)``.
+    """
+    global _ops_backend
+    if name not in OPS_BACKENDS:
+        raise ValueError(f"unknown ops backend {name!r}; choose one of {OPS_BACKENDS}")
+    previous, _ops_backend = _ops_backend, name
+    return previous
+
+
+@contextlib.contextmanager
+def ops_backend(name: str) -> Iterator[str]:
+    """Context manager: use backend ``name`` inside the ``with`` block, then restore the old one."""
+    previous = set_ops_backend(name)
+    try:
+        yield name
+    finally:
+        set_ops_backend(previous)
+
+
+def _nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """``nms`` with the current backend; boxes and scores in float32 (float64 stays float64)."""
+    dtype = _compute_dtype(boxes)
+    boxes, scores = boxes.to(dtype), scores.to(dtype)
+    if _ops_backend == "pure":
+        return nms(boxes, scores, iou_threshold)
+    import torchvision.ops
+
+    return torchvision.ops.nms(boxes, scores, iou_threshold)
+
+
+def _batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """``batched_nms`` with the current backend; inputs in float32 (float64 stays float64)."""
+    dtype = _compute_dtype(boxes)
+    boxes, scores = boxes.to(dtype), scores.to(dtype)
+    if _ops_backend == "pure":
+        return batched_nms(boxes, scores, idxs, iou_threshold)
+    import torchvision.ops
+
+    return torchvision.ops.batched_nms(boxes, scores, idxs, iou_threshold)
+
+
+def _roi_align(
+    input: Tensor,
+    boxes: Union[Tensor, List[Tensor]],
+    output_size: Union[int, Tuple[int, int]],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> Tensor:
+    """``roi_align`` with the current backend: computed in float32, returned in input's dtype."""
+    if _ops_backend == "pure":
+        return roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+    import torchvision.ops
+
+    dtype = _compute_dtype(input)
+    if isinstance(boxes, Tensor):
+        boxes = boxes.to(dtype)
+    else:
+        boxes = [b.to(dtype) for b in boxes]
+    with torch.autocast(input.device.type, enabled=False):
+        out = torchvision.ops.roi_align(
+            input.to(dtype), boxes, output_size, spatial_scale, sampling_ratio, aligned
+        )
+    return out.to(input.dtype)
+
+
+# ─── 3. Data ───────────────────────────────────────────────────────────────────────────────────
+# Every source below yields the same sample: ``(image, target)`` with ``image`` a normalised
+# float tensor [3, H, W] and ``target`` a dict of tensors:
+#
+#   boxes     float32 [G, 4]  x1, y1, x2, y2 in pixels of the returned image
+#   labels    int64 [G]       1..num_classes-1 (0 is the background)
+#   area      float32 [G]     object area in square pixels of the returned image (the annotation's
+#                             area when the source has one, which COCO's small/medium/large use)
+#   iscrowd   int64 [G]       1 for COCO "crowd" regions (kept for evaluation only), else 0
+#   image_id  int64 []        the source's image id (the index for synthetic images)
+#   orig_size int64 [2]       (height, width) of the image as stored in the source
+#   size      int64 [2]       (height, width) of the returned image, before any batch padding
+#   scale     float32 [4]     (sx, sy, sx, sy): returned pixels per original pixel, box-ready
+#   flipped   bool []         whether the image was mirrored left-right (training augmentation)
+#
+# ``boxes_to_original(boxes, target)`` undoes the flip and the resize, which is how predictions
+# are mapped back to the original pixels for evaluation. All values are tensors, so a training
+# loop may move a whole target to the GPU with ``{k: v.to(device) for k, v in target.items()}``.
+
+HUB_COCO = "detection-datasets/coco"
+"""The Hugging Face hub copy of COCO 2017 that ``COCOStreamDataset`` streams by default: splits
+``train`` (118k images) and ``val`` (5k), boxes absolute ``[x_min, y_min, x_max, y_max]``,
+``objects.category`` a ClassLabel 0..79 whose names are ``COCO_NAMES[1:]``."""
+
+SHAPE_NAMES = ["__background__", "circle", "square", "triangle"]
+"""Class names of ``SyntheticShapesDataset``: index 0 is the background, as in ``COCO_NAMES``."""
+
+
+def load_rgb(image) -> Tensor:
+    """Any PIL image as a uint8 RGB tensor [3, H, W].
+
+    Grayscale (``L``), palette (``P``), ``RGBA``, ``LA`` and ``CMYK`` images are converted to RGB;
+    a palette image goes through RGBA so that its transparency is read correctly.
+    """
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def resized_size(height: int, width: int, resize: Optional[str] = "shorter",
+                 min_size: int = IMG_SIZE, max_size: Optional[int] = None) -> Tuple[int, int]:
+    """The (height, width) in pixels that an image of ``height x width`` is resized to.
+
+    * ``"shorter"``: keep the aspect ratio, shorter side ``min_size``, longer side at most
+      ``max_size`` (default ``min_size * 1333 / 800``, torchvision's ratio). The scale and the
+      rounding down are torchvision's ``GeneralizedRCNNTransform``, so ``min_size=800,
+      max_size=1333`` reproduces the input its published COCO weights were evaluated on.
+    * ``"square"``: ``min_size x min_size``, stretching the image (the seed's behaviour).
+    * ``None``: keep the original size.
+    """
+    if resize is None:
+        return height, width
+    if resize == "square":
+        return min_size, min_size
+    if resize != "shorter":
+        raise ValueError(f"resize={resize!r} is not a resize mode: use 'shorter', 'square' or None")
+    max_size = max_size or int(min_size * 1333 / 800)
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    return math.floor(height * scale), math.floor(width * scale)
+
+
+def boxes_to_original(boxes: Tensor, target: Dict[str, Tensor]) -> Tensor:
+    """Map boxes [N, 4] from a returned image's pixels back to the source image's pixels.
+
+    Undoes the flip (``target["flipped"]``, mirrored about the width ``target["size"][1]``), then
+    the resize (divides by ``target["scale"]``), then clips to ``target["orig_size"]``. A target
+    without these keys (your own data) leaves the boxes as they are.
+    """
+    boxes = boxes.float()
+    if "flipped" in target and bool(target["flipped"]):
+        width = float(target["size"][1])
+        boxes = torch.stack((width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), 1)
+    if "scale" in target:
+        boxes = boxes / target["scale"].to(boxes.device)
+    if "orig_size" in target:
+        boxes = clip_boxes(boxes, tuple(int(s) for s in target["orig_size"]))
+    return boxes
+
+
+def make_sample(image, boxes: Tensor, labels: Tensor, image_id: int,
+                area: Optional[Tensor] = None, iscrowd: Optional[Tensor] = None, *,
+                resize: Optional[str] = "shorter", min_size: int = IMG_SIZE,
+                max_size: Optional[int] = None, flip_prob: float = 0.0,
+                train: bool = False, skip_empty: bool = False):
+    """Turn one annotated image into a sample ``(image [3, H, W], target)``, or ``None``.
+
+    Args:
+        image: a PIL image (decoded only if the sample is kept) or a uint8 tensor [3, H0, W0].
+        boxes: float [G, 4] x1, y1, x2, y2 in the image's own pixels.
+        labels: int64 [G], 1..num_classes-1.
+        image_id: the id recorded in the target.
+        area: float [G] the annotation's area in square pixels (default: the box area).
+        iscrowd: int [G] COCO crowd flags (default: zeros).
+        resize, min_size, max_size: see :func:`resized_size`.
+        flip_prob: probability of a left-right flip (torch's global RNG, so seeded per worker).
+        train: drop crowd regions (they only mark areas that evaluation ignores).
+        skip_empty: return ``None`` when no box is left.
+
+    Boxes are clipped to the image and degenerate ones (zero width or height after resizing)
+    are dropped. The image is normalised, then resized with bilinear interpolation
+    (``align_corners=False``, no antialiasing), in that order, as torchvision does.
+    """
+    height0, width0 = image.shape[-2:] if isinstance(image, Tensor) else image.size[::-1]
+    height, width = resized_size(height0, width0, resize, min_size, max_size)
+    sx, sy = width / width0, height / height0
+    scale = torch.tensor([sx, sy, sx, sy], dtype=torch.float32)
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+    if area is None:
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    area = torch.as_tensor(area, dtype=torch.float32).reshape(-1)
+    iscrowd = torch.zeros_like(labels) if iscrowd is None else torch.as_tensor(iscrowd).long()
+    boxes = clip_boxes(boxes, (height0, width0)) * scale
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    if train:
+        keep &= iscrowd == 0
+    boxes, labels, area, iscrowd = boxes[keep], labels[keep], area[keep] * sx * sy, iscrowd[keep]
+    if skip_empty and not bool((iscrowd == 0).any()):
+        return None
+
+    pixels = image if isinstance(image, Tensor) else load_rgb(image)
+    pixels = (pixels.float() / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    if (height, width) != (height0, width0):
+        pixels = F.interpolate(pixels[None], size=(height, width), mode="bilinear",
+                               align_corners=False)[0]
+    flipped = flip_prob > 0 and float(torch.rand(())) < flip_prob
+    if flipped:
+        pixels = pixels.flip(-1)
+        boxes = torch.stack((width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), 1)
+    return pixels, {
+        "boxes": boxes, "labels": labels, "area": area, "iscrowd": iscrowd,
+        "image_id": torch.tensor(int(image_id)),
+        "orig_size": torch.tensor([height0, width0]), "size": torch.tensor([height, width]),
+        "scale": scale, "flipped": torch.tensor(flipped),
+    }
+
+
+# The COCO stream ───────────────────────────────────────────────────────────────────────────────
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_error(name: str, reason: str) -> ConnectionError:
+    if name != HUB_COCO:
+        reason += f" (and {name!r} is no local directory either)"
+    return ConnectionError(
+        f"Cannot stream {name!r} from the Hugging Face hub: {reason}.\n"
+        "Offline alternatives, passed as `source=`:\n"
+        "  * a directory with a local copy of the hub's parquet files (data/train-*.parquet, "
+        "data/val-*.parquet),\n"
+        "  * a COCO 2017 directory in the official layout (annotations/instances_val2017.json "
+        "and val2017/, the same for train),\n"
+        "  * a datasets.Dataset or IterableDataset with the hub's features;\n"
+        "or train on SyntheticShapesDataset(...), the built-in offline data.")
+
+
+def check_hub(name: str = HUB_COCO, timeout: float = 5.0) -> None:
+    """Raise a ``ConnectionError`` naming the offline sources unless the hub answers in time.
+
+    Offline mode (``HF_HUB_OFFLINE=1`` or ``HF_DATASETS_OFFLINE=1``) fails at once. Otherwise one
+    HEAD request goes to ``HF_ENDPOINT`` (default https://huggingface.co, through any proxy set
+    in the environment) and gets ``timeout`` seconds, name resolution included (see
+    :func:`unreachable_reason`); ``datasets`` itself would retry for tens of seconds first.
+    """
+    if _env_flag("HF_HUB_OFFLINE") or _env_flag("HF_DATASETS_OFFLINE"):
+        raise _hub_error(name, "offline mode is on (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    reason = unreachable_reason(endpoint, timeout)
+    if reason:
+        raise _hub_error(name, reason)
+
+
+def _category_labels(features) -> List[int]:
+    """Contiguous label (1..80) of each category index of a hub-schema dataset, by name.
+
+    The hub stores ``objects.category`` as a ClassLabel 0..79; its names are looked up in
+    ``COCO_NAMES`` rather than trusting that index + 1 is the right label.
+    """
+    feature = features.get("objects") if features else None
+    feature = getattr(feature, "feature", feature)  # List({...}) -> {...}
+    feature = feature.get("category") if isinstance(feature, dict) else None
+    names = getattr(getattr(feature, "feature", feature), "names", None)  # List(ClassLabel)
+    if names is None:
+        raise ValueError(
+            "cannot read the category names: the source's features need `objects.category` as a "
+            f"datasets.ClassLabel with the 80 COCO names (features: {features}). Cast the column "
+            "with `ds.cast_column(...)` or pass the hub's files with their dataset_infos.json.")
+    unknown = [n for n in names if n not in COCO_NAMES[1:]]
+    if unknown:
+        raise ValueError(f"categories {unknown} of the source are not COCO categories (COCO_NAMES)")
+    return [COCO_NAMES.index(n) for n in names]
+
+
+def _read_coco_layout(root: str, split: str) -> List[dict]:
+    """One record per image of ``root/annotations/instances_{split}2017.json``.
+
+    A record holds the image path, its id, and boxes [G, 4] converted from COCO's ``[x, y, w, h]``
+    to ``x1, y1, x2, y2``; the sparse category ids (1..90) become labels 1..80 by name.
+    """
+    path = os.path.join(root, "annotations", f"instances_{split}2017.json")
+    if not os.path.isfile(path):
+        found = sorted(glob.glob(os.path.join(root, "annotations", "instances_*2017.json")))
+        raise FileNotFoundError(f"{path} does not exist: split {split!r} is not in this COCO "
+                                f"directory (annotation files found: {found})")
+    with open(path) as f:
+        coco = json.load(f)
+    if not coco.get("images"):
+        raise ValueError(f"{path} lists no images: an instances file needs 'images', "
+                         "'annotations' and 'categories' (the official COCO format)")
+    label_of = {}
+    for category in coco.get("categories", []):
+        if category["name"] not in COCO_NAMES[1:]:
+            raise ValueError(f"category {category} of {path} is not a COCO category (COCO_NAMES)")
+        label_of[category["id"]] = COCO_NAMES.index(category["name"])
+    annotations = {image["id"]: [] for image in coco["images"]}
+    for ann in coco.get("annotations", []):
+        if ann["category_id"] not in label_of:
+            raise ValueError(f"annotation {ann.get('id')} of {path} has category_id "
+                             f"{ann['category_id']}, which is not among the file's categories "
+                             f"(ids {sorted(label_of)})")
+        if ann["image_id"] not in annotations:
+            raise ValueError(f"annotation {ann.get('id')} of {path} refers to image_id "
+                             f"{ann['image_id']}, which is not in the file's images")
+        annotations[ann["image_id"]].append(ann)
+    records = []
+    for image in coco["images"]:
+        anns = annotations[image["id"]]
+        xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+        records.append({
+            "path": os.path.join(root, f"{split}2017", image["file_name"]),
+            "image_id": image["id"],
+            "boxes": np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1),
+            "labels": np.array([label_of[a["category_id"]] for a in anns], dtype=np.int64),
+            "area": np.array([a.get("area", a["bbox"][2] * a["bbox"][3]) for a in anns]),
+            "iscrowd": np.array([a.get("iscrowd", 0) for a in anns], dtype=np.int64),
+        })
+    return records
+
+
+def _reader_index() -> Tuple[int, int]:
+    """(index, count) of this reader among all DataLoader workers of all DDP processes."""
+    worker = get_worker_info()
+    index, count = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        index, count = rank * count + index, world * count
+    return index, count
+
+
+class COCOStreamDataset(IterableDataset):
+    """COCO 2017 detection samples, streamed from the hub or read from a local copy.
+
+    Each sample is ``(image, target)``: ``image`` a normalised float tensor [3, H, W] and
+    ``target`` the dict described at the top of this section (``boxes``, ``labels`` 1..80,
+    ``image_id``, ``orig_size``, ``scale``, ...).
+
+    Args:
+        split: ``"train"`` or ``"val"`` (the hub's names; local sources may hold others).
+        max_samples: stop after this many samples in all (shared among DataLoader workers);
+            ``None`` reads the whole split.
+        source: where the data comes from; every source gives the same samples:
+
+            * ``"detection-datasets/coco"`` (or another hub dataset with its schema), streamed.
+              Its boxes are absolute ``[x_min, y_min, x_max, y_max]`` and ``objects.category``
+              a ClassLabel 0..79, whose names are matched to ``COCO_NAMES``.
+            * a directory with a local copy of the hub's parquet files (``data/{split}-*.parquet``
+              or ``.../{split}/*.parquet``), streamed from disk.
+            * a directory in the official COCO layout: ``annotations/instances_{split}2017.json``
+              and ``{split}2017/`` images; boxes ``[x, y, w, h]``, category ids 1..90 mapped onto
+              labels 1..80 by name.
+            * a ``datasets.Dataset``/``IterableDataset`` (or a dict of them by split) with the
+              hub's features.
+        resize: ``"shorter"`` (default), ``"square"`` or ``None``; see :func:`resized_size`.
+            The default keeps the aspect ratio (shorter side ``min_size``, longer side at most
+            ``max_size``): objects keep their shape, as in torchvision's detectors and the
+            weights they publish, and a 640 x 480 COCO image costs 533 x 400 pixels rather than
+            being squeezed into 400 x 400. Batches of mixed sizes are padded by
+            :func:`frcnn_collate_fn`. ``"square"`` is the seed's fixed ``IMG_SIZE`` square.
+        min_size, max_size: sizes in pixels for ``resize`` (default ``IMG_SIZE`` and
+            ``min_size * 1333 / 800``; 800 and 1333 reproduce torchvision's evaluation input).
+        train: training mode: random horizontal flips, crowd regions dropped, images without
+            objects skipped. Default: ``split == "train"``.
+        flip_prob: probability of a horizontal flip; default 0.5 in training mode, else 0.
+        skip_empty: skip images without objects; default ``train``. Evaluation keeps them, since
+            false detections on them count.
+        shuffle_buffer: 0 keeps the order. Otherwise a stream is shuffled with a buffer of this
+            many samples (and its shard order), a map-style source with a full permutation.
+            Call :meth:`set_epoch` to draw a new order each epoch.
+        seed: seed of the shuffle.
+        hub_timeout: seconds to wait for the hub before failing with the offline alternatives.
+
+    In a ``DataLoader`` with several workers (and under DDP) every reader takes its own share of
+    the source (whole shards where they divide evenly), so each sample comes out exactly once.
+    """
+
+    class_names = COCO_NAMES
+
+    def __init__(self, split: str = "train", max_samples: Optional[int] = None,
+                 source=HUB_COCO, *, resize: Optional[str] = "shorter",
+                 min_size: int = IMG_SIZE, max_size: Optional[int] = None,
+                 train: Optional[bool] = None, flip_prob: Optional[float] = None,
+                 skip_empty: Optional[bool] = None, shuffle_buffer: int = 0, seed: int = 0,
+                 hub_timeout: float = 5.0):
+        super().__init__()
+        resized_size(2, 1, resize, min_size, max_size)  # validates the resize arguments
+        if max_samples is not None and max_samples < 0:
+            raise ValueError(f"max_samples must be None or >= 0, got {max_samples}")
+        self.split, self.max_samples = split, max_samples
+        self.resize, self.min_size, self.max_size = resize, min_size, max_size
+        self.train = split == "train" if train is None else train
+        self.flip_prob = (0.5 if self.train else 0.0) if flip_prob is None else flip_prob
+        self.skip_empty = self.train if skip_empty is None else skip_empty
+        self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, 0
+        self.num_classes = len(COCO_NAMES)
+        self.rows, self.label_of = self._open(source, split, hub_timeout), None
+        if not isinstance(self.rows, list):  # hub schema: check its category names once
+            self.label_of = _category_labels(self.rows.features)
+
+    @staticmethod
+    def _open(source, split: str, hub_timeout: float):
+        """The rows of ``split``: a list of COCO-layout records or a ``datasets`` object."""
+        if not isinstance(source, (str, os.PathLike)):
+            import datasets
+
+            if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+                if split not in source:
+                    raise ValueError(f"split {split!r} is not in the source "
+                                     f"(splits: {list(source)})")
+                source = source[split]
+            if not isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
+                raise TypeError(f"source must be a hub name, a directory or a datasets.Dataset/"
+                                f"IterableDataset, got {type(source).__name__}")
+            return source
+        path = os.fspath(source)
+        if os.path.isdir(os.path.join(path, "annotations")):
+            return _read_coco_layout(path, split)
+        if os.path.isdir(path) or path.endswith(".parquet"):
+            import datasets
+
+            files = [path] if os.path.isfile(path) else sorted(
+                glob.glob(os.path.join(path, "**", f"{split}-*.parquet"), recursive=True)
+                + glob.glob(os.path.join(path, "**", split, "*.parquet"), recursive=True))
+            if not files:
+                found = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
+                raise FileNotFoundError(
+                    f"no parquet files of split {split!r} in {path} (expected "
+                    f"data/{split}-*.parquet as on the hub; parquet files found: {found[:5]}), "
+                    "and no COCO layout "
+                    f"(annotations/instances_{split}2017.json) either")
+            infos = glob.glob(os.path.join(path, "**", "dataset_infos.json"), recursive=True)
+            features = None
+            if infos:  # the hub repo's own description of its features, when copied along
+                with open(infos[0]) as f:
+                    info = next(iter(json.load(f).values()))
+                features = datasets.Features.from_dict(info["features"])
+            return datasets.load_dataset("parquet", data_files=files, split="train",
+                                         streaming=True, features=features)
+        is_hub_name = not os.path.isabs(path) and path.count("/") == 1 and not path.startswith(".")
+        if not is_hub_name:
+            raise FileNotFoundError(
+                f"source {path!r} does not exist: give a directory with the hub's parquet files "
+                "or the official COCO layout, a datasets.Dataset, or a hub name like "
+                f"{HUB_COCO!r}")
+        if split not in ("train", "val"):
+            hint = " (the hub calls it 'val')" if split == "validation" else ""
+            raise ValueError(f"split {split!r} is not a split of {path!r}{hint}: "
+                             "use 'train' or 'val'")
+        check_hub(path, hub_timeout)
+        import datasets
+
+        try:
+            return datasets.load_dataset(path, split=split, streaming=True)
+        except OSError as err:  # ConnectionError and friends: the hub went away meanwhile
+            raise _hub_error(path, f"{type(err).__name__}: {err}") from err
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the shuffle order of ``epoch`` (call before each epoch when shuffling)."""
+        self.epoch = epoch
+
+    def _sample(self, row):
+        """One row (hub schema or COCO-layout record) -> a sample, or ``None`` if skipped."""
+        if isinstance(self.rows, list):
+            image, image_id = Image.open(row["path"]), row["image_id"]
+            boxes, labels, area, iscrowd = row["boxes"], row["labels"], row["area"], row["iscrowd"]
+        else:
+            image, image_id, objects = row["image"], row["image_id"], row["objects"]
+            if isinstance(image, dict):  # undecoded {"bytes", "path"}
+                image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes")
+                                   else image["path"])
+            if isinstance(objects, list):  # a list of dicts rather than a dict of lists
+                objects = {key: [o[key] for o in objects] for key in ("bbox", "category")}
+            categories = objects["category"]
+            if any(not 0 <= c < len(self.label_of) for c in categories):
+                raise ValueError(f"image {image_id} has category {categories}, outside the "
+                                 f"{len(self.label_of)} categories of the source's ClassLabel")
+            boxes, area, iscrowd = objects["bbox"], objects.get("area"), None
+            labels = [self.label_of[c] for c in categories]
+        return make_sample(image, torch.as_tensor(np.asarray(boxes, dtype=np.float32)), labels,
+                           image_id, area, iscrowd, resize=self.resize, min_size=self.min_size,
+                           max_size=self.max_size, flip_prob=self.flip_prob, train=self.train,
+                           skip_empty=self.skip_empty)
+
+    def __iter__(self):
+        index, count = _reader_index()
+        rows = self.rows
+        if isinstance(rows, list) or not _is_stream(rows):  # map-style: index it
+            order = range(len(rows))
+            if self.shuffle_buffer:
+                generator = torch.Generator().manual_seed(self.seed + self.epoch)
+                order = torch.randperm(len(rows), generator=generator).tolist()
+            stream = (rows[i] for i in order[index::count])
+        else:  # a datasets.IterableDataset: shuffle, then take this reader's shards
+            from datasets.distributed import split_dataset_by_node
+
+            if self.shuffle_buffer:
+                rows = rows.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+            rows.set_epoch(self.epoch)
+            if count > 1:
+                rows = split_dataset_by_node(rows, rank=index, world_size=count)
+            # .iter() rather than iter(): datasets would otherwise shard by worker a second time
+            stream = ({k: v[0] for k, v in batch.items()} for batch in rows.iter(batch_size=1))
+        quota = None  # this reader's share of max_samples
+        if self.max_samples is not None:
+            quota = self.max_samples // count + (index < self.max_samples % count)
+            if quota == 0:
+                return
+        yielded = 0
+        for row in stream:
+            sample = self._sample(row)
+            if sample is None:
+                continue
+            yield sample
+            yielded += 1
+            if quota is not None and yielded >= quota:
+                return
+
+
+def _is_stream(rows) -> bool:
+    import datasets
+
+    return isinstance(rows, datasets.IterableDataset)
+
+
+# Synthetic shapes ──────────────────────────────────────────────────────────────────────────────
+
+
+class SyntheticShapesDataset(Dataset):
+    """Coloured circles, squares and triangles on textured backgrounds, made on the fly.
+
+    The offline default of the course: every notebook, ``make run``, the tests and the
+    benchmarks train on it with no network. Image ``index`` depends only on ``(seed, index)``,
+    so any worker renders the same pixels, and a 128 px image takes about a millisecond.
+
+    Each image has a smooth random texture (a base colour, two sine waves, grain) and
+    ``objects[0]..objects[1]`` non-overlapping shapes of random colour (kept away from the
+    background colour) whose side is ``object_size[0]..object_size[1]`` of the shorter image
+    side, log-uniformly: small to large objects. The box of a shape is the tight box of its
+    pixels. Labels index :data:`SHAPE_NAMES` (1 circle, 2 square, 3 triangle).
+
+    Args:
+        num_images: length of the dataset.
+        image_size: side in pixels, or ``(height, width)``.
+        seed: seed of the whole dataset.
+        objects: (fewest, most) shapes per image.
+        object_size: (smallest, largest) shape side as a fraction of the shorter image side.
+        texture: strength of the background waves (0 gives a flat background, an easier task).
+        train, flip_prob: as in :class:`COCOStreamDataset` (flip probability 0.5 when training;
+            all three shapes are mirror-symmetric).
+        resize, min_size, max_size: as in :class:`COCOStreamDataset`; default ``None`` keeps the
+            rendered size (render at the size you want rather than resampling).
+
+    Returns per index the sample ``(image [3, H, W], target)`` of the COCO stream's format.
+    """
+
+    class_names = SHAPE_NAMES
+
+    def __init__(self, num_images: int = 512, image_size=128, seed: int = 0, *,
+                 objects: Tuple[int, int] = (1, 4), object_size: Tuple[float, float] = (0.12, 0.5),
+                 texture: float = 1.0, train: bool = False, flip_prob: Optional[float] = None,
+                 resize: Optional[str] = None, min_size: int = IMG_SIZE,
+                 max_size: Optional[int] = None):
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if min(height, width) < 16 or not 1 <= objects[0] <= objects[1]:
+            raise ValueError(f"need image_size >= 16 px and 1 <= objects[0] <= objects[1], got "
+                             f"image_size={image_size}, objects={objects}")
+        if not 0 < object_size[0] <= object_size[1] <= 1:
+            raise ValueError(f"object_size must satisfy 0 < low <= high <= 1, got {object_size}")
+        resized_size(height, width, resize, min_size, max_size)  # validates the resize arguments
+        self.num_images, self.image_size, self.seed = num_images, (height, width), seed
+        self.objects, self.object_size, self.texture = objects, object_size, texture
+        self.train = train
+        self.flip_prob = (0.5 if train else 0.0) if flip_prob is None else flip_prob
+        self.resize, self.min_size, self.max_size = resize, min_size, max_size
+        self.num_classes = len(SHAPE_NAMES)
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, index: int):
+        if not -self.num_images <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for {self.num_images} images")
+        index %= self.num_images
+        image, boxes, labels = self.render(index)
+        return make_sample(image, boxes, labels, index, resize=self.resize,
+                           min_size=self.min_size, max_size=self.max_size,
+                           flip_prob=self.flip_prob, train=self.train)
+
+    def render(self, index: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """Image ``index`` before any transform: uint8 [3, H, W], boxes [G, 4], labels [G]."""
+        rng = np.random.default_rng([self.seed, index])
+        height, width = self.image_size
+        y, x = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5  # pixel centres
+        background = rng.uniform(0.2, 0.8, 3)
+        image = np.broadcast_to(background, (height, width, 3)).copy()
+        for _ in range(2):  # two soft waves of random direction, period (px) and colour
+            angle, period, phase = rng.uniform(0, np.pi), rng.uniform(6, 40), rng.uniform(0, 6.3)
+            wave = np.sin(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / period + phase)
+            image += wave[..., None] * rng.uniform(0.03, 0.1, 3) * self.texture
+
+        side = min(height, width)
+        low, high = np.log(np.array(self.object_size) * side)
+        boxes, labels = [], []
+        for _ in range(rng.integers(self.objects[0], self.objects[1] + 1)):
+            for _attempt in range(20):  # find a free spot, 2 px away from the other shapes
+                s = max(4, int(round(np.exp(rng.uniform(low, high)))))
+                x0, y0 = rng.integers(0, width - s + 1), rng.integers(0, height - s + 1)
+                if all(x0 >= b[2] + 2 or x0 + s + 2 <= b[0] or y0 >= b[3] + 2 or y0 + s + 2 <= b[1]
+                       for b in boxes):
+                    break
+            else:
+                continue
+            label = int(rng.integers(1, len(SHAPE_NAMES)))
+            colour = rng.uniform(0, 1, 3)
+            while np.abs(colour - background).max() < 0.35:
+                colour = rng.uniform(0, 1, 3)
+            wy, wx = y[y0:y0 + s, x0:x0 + s], x[y0:y0 + s, x0:x0 + s]
+            cx, cy = x0 + s / 2, y0 + s / 2
+            if SHAPE_NAMES[label] == "circle":
+                mask = (wx - cx) ** 2 + (wy - cy) ** 2 <= (s / 2) ** 2
+            elif SHAPE_NAMES[label] == "square":
+                mask = np.ones((s, s), dtype=bool)
+            else:  # triangle: apex at the top centre, base along the bottom, height = base = s
+                mask = np.abs(wx - cx) <= (wy - y0) / 2
+            image[y0:y0 + s, x0:x0 + s][mask] = colour
+            rows, cols = np.nonzero(mask)
+            boxes.append([x0 + cols.min(), y0 + rows.min(),  # tight box, pixel edges
+                          x0 + cols.max() + 1, y0 + rows.max() + 1])
+            labels.append(label)
+        image += rng.normal(0, 0.025, image.shape)  # grain over everything
+        pixels = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
+        return (torch.from_numpy(pixels).permute(2, 0, 1).contiguous(),
+                torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                torch.tensor(labels, dtype=torch.int64))
+
+
+# Batching ──────────────────────────────────────────────────────────────────────────────────────
+
+
+def frcnn_collate_fn(batch, size_divisible: int = 32) -> Tuple[Tensor, List[Dict[str, Tensor]]]:
+    """``DataLoader`` collate: images into one tensor [B, 3, H, W], targets kept as a list.
+
+    Images of one size are stacked as they are. Images of different sizes are padded at the
+    bottom and right with zeros (the ImageNet mean colour once normalised, as torchvision pads)
+    to the largest height and width rounded up to a multiple of ``size_divisible`` pixels; boxes
+    need no change, and each target's ``size`` still gives its image's own extent. Targets
+    cannot be stacked (each image has its own number of boxes), hence the list.
+    """
+    images, targets = zip(*batch)
+    if all(image.shape == images[0].shape for image in images):
+        return torch.stack(images), list(targets)
+    height = math.ceil(max(image.shape[1] for image in images) / size_divisible) * size_divisible
+    width = math.ceil(max(image.shape[2] for image in images) / size_divisible) * size_divisible
+    padded = images[0].new_zeros(len(images), images[0].shape[0], height, width)
+    for image, out in zip(images, padded):
+        out[:, :image.shape[1], :image.shape[2]].copy_(image)
+    return padded, list(targets)
+
+
+def image_sizes_of(targets: List[Dict[str, Tensor]]) -> Optional[List[Tuple[int, int]]]:
+    """Each image's own ``(H, W)`` from its target's ``size``, for the detector's ``image_sizes``
+    argument when a batch was padded; ``None`` when the targets don't say."""
+    if not all("size" in t for t in targets):
+        return None
+    return [(int(t["size"][0]), int(t["size"][1])) for t in targets]
+
+# ─── 4. Backbone: ResNet-50 and the feature pyramid ────────────────────────────────────────────
+
+
+def load_weights(source, weights_enum, what: str) -> Dict[str, Tensor]:
+    """A state dict from ``source``: a dict, the path of a saved state dict, or the name of one of
+    torchvision's published weights in ``weights_enum`` (e.g. ``"IMAGENET1K_V1"``, ``"DEFAULT"``).
+
+    Named weights are downloaded once into torch's hub cache. Without a network and without the
+    cached file this fails within seconds, saying how to go on offline.
+    """
+    if isinstance(source, dict):
+        return source
+    if isinstance(source, (str, os.PathLike)) and os.path.isfile(source):
+        state = torch.load(source, map_location="cpu", weights_only=True)
+        return state.get("model", state) if isinstance(state, dict) else state
+    if isinstance(source, weights_enum):
+        weights = source
+    else:
+        try:
+            weights = weights_enum[str(source)]
+        except KeyError:
+            choices = ", ".join(weights_enum.__members__)
+            raise ValueError(
+                f"unknown {what} weights {source!r}: use one of {choices}, the path of a state-dict "
+                "file, or None for random initialisation"
+            ) from None
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    reason = None if os.path.isfile(cached) else unreachable_reason(weights.url)
+    if reason:
+        raise ConnectionError(
+            f"cannot download the {what} weights {weights.name}: {reason}. Offline, pass "
+            f"weights=None (random initialisation) or the path of a state dict saved on a machine "
+            f"with a network, or copy {os.path.basename(weights.url)} into {os.path.dirname(cached)}."
+        )
+    return weights.get_state_dict(progress=True)
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm with fixed statistics and affine parameters, all stored as buffers.
+
+    ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias``, the same in training and
+    evaluation: detection batches are too small (2 images) to estimate batch statistics, so the
+    ImageNet ones are kept. Being buffers, nothing here reaches the optimiser or gets updated.
+    ``eps`` is 1e-5 for the ImageNet classifier weights and 0.0 for torchvision's COCO detector.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "num_batches_tracked", None)  # a BatchNorm2d counter we don't need
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.numel()}, eps={self.eps}"
+
+
+class Bottleneck(nn.Module):
+    """The ResNet-50 residual block: 1x1 (narrow) -> 3x3 (stride) -> 1x1 (widen 4x), plus a shortcut.
+
+    ``[B, in_ch, H, W] -> [B, 4 * width, H / stride, W / stride]``. The stride sits on the 3x3
+    convolution (ResNet "v1.5", as torchvision). ``downsample`` projects the shortcut when the
+    shape changes. ``norm_layer(channels)`` builds its normalisation layers.
+    """
+
+    expansion = 4
+
+    def __init__(self, in_ch: int, width: int, stride: int = 1, downsample=None,
+                 norm_layer=FrozenBatchNorm2d):
+        super().__init__()
+        out_ch = width * self.expansion
+        self.conv1 = nn.Conv2d(in_ch, width, 1, bias=False)
+        self.bn1 = norm_layer(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = norm_layer(width)
+        self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
+        self.bn3 = norm_layer(out_ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + shortcut)
+
+
+class ResNet50(nn.Module):
+    """ResNet-50 as a detection backbone: returns the outputs C2..C5 of its four stages.
+
+    ``[B, 3, H, W] -> [C2, C3, C4, C5]`` with 256/512/1024/2048 channels at strides 4/8/16/32.
+    Parameter names are torchvision's, so its ImageNet weights load as they are.
+
+    Args:
+        weights: ``None`` (random), a torchvision name such as ``"IMAGENET1K_V1"``, a state dict,
+            or the path of one.
+        trainable_layers: how many stages, counted from the top, are trained (0..5): 3 trains
+            layer2..layer4, 1 only layer4, 5 everything; the rest are frozen. Default: 3 with
+            pretrained weights, 5 without (torchvision's rule).
+        frozen_bn: ``FrozenBatchNorm2d`` (True) or ordinary, trained ``nn.BatchNorm2d`` (False).
+            Default: frozen with pretrained weights, whose statistics are worth keeping; ordinary
+            without, since the identity statistics of a random network let activations grow
+            through the 16 residual blocks until training diverges (torchvision's rule too).
+        norm_eps: BatchNorm epsilon (1e-5 for ImageNet weights, 0.0 for torchvision's COCO detector).
+        gradient_checkpointing: recompute layer3 and layer4 in the backward pass instead of storing
+            their activations (less memory, about one extra forward of those stages).
+    """
+
+    stage_blocks = (3, 4, 6, 3)
+    torchvision_weights = "ResNet50_Weights"
+    out_channels = [256, 512, 1024, 2048]
+
+    def __init__(self, weights=None, *, trainable_layers: Optional[int] = None,
+                 frozen_bn: Optional[bool] = None, norm_eps: float = 1e-5,
+                 gradient_checkpointing: bool = False):
+        super().__init__()
+        pretrained = weights is not None
+        trainable_layers = (3 if pretrained else 5) if trainable_layers is None else trainable_layers
+        frozen_bn = pretrained if frozen_bn is None else frozen_bn
+        norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+
+        def norm_layer(channels: int) -> nn.Module:
+            return norm(channels, eps=norm_eps)
+
+        if not 0 <= trainable_layers <= 5:
+            raise ValueError(f"trainable_layers must be in 0..5, got {trainable_layers}")
+        self.gradient_checkpointing = gradient_checkpointing
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        in_ch = 64
+        for i, (blocks, width) in enumerate(zip(self.stage_blocks, (64, 128, 256, 512))):
+            stride = 1 if i == 0 else 2
+            downsample = nn.Sequential(
+                nn.Conv2d(in_ch, width * 4, 1, stride=stride, bias=False),
+                norm_layer(width * 4),
+            )
+            stage = [Bottleneck(in_ch, width, stride, downsample, norm_layer)]
+            stage += [Bottleneck(width * 4, width, norm_layer=norm_layer) for _ in range(blocks - 1)]
+            self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
+            in_ch = width * 4
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if pretrained:
+            import torchvision.models
+
+            state = load_weights(weights, getattr(torchvision.models, self.torchvision_weights),
+                                 type(self).__name__)
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the classifier
+            self.load_state_dict(state)
+        trained = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+        for name, param in self.named_parameters():
+            param.requires_grad_(any(name.startswith(layer) for layer in trained))
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        features = []
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            stage = getattr(self, name)
+            if self.gradient_checkpointing and self.training and name in ("layer3", "layer4"):
+                x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)
+            features.append(x)
+        return features
+
+
+class ResNet101(ResNet50):
+    """ResNet-101: ResNet-50 with 23 instead of 6 blocks in its third stage (layer3)."""
+
+    stage_blocks = (3, 4, 23, 3)
+    torchvision_weights = "ResNet101_Weights"
+
+
+class FPN(nn.Module):
+    """Feature pyramid network: merges C2..C5 into P2..P6, all with ``out_channels`` channels.
+
+    Top-down: ``M5 = lateral(C5)``, ``M_i = lateral(C_i) + upsample_nearest(M_{i+1})``;
+    then ``P_i = conv3x3(M_i)`` and ``P6 = max_pool(P5, kernel 1, stride 2)``. Every level thus
+    sees both fine detail (from its own stage) and strong semantics (from the stages above).
+    ``[C2..C5] -> [P2, P3, P4, P5, P6]`` at strides 4, 8, 16, 32, 64.
+    """
+
+    def __init__(self, in_channels: Sequence[int] = (256, 512, 1024, 2048), out_channels: int = 256):
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)
+        self.output = nn.ModuleList(
+            nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                nn.init.zeros_(m.bias)
+        self.out_channels = out_channels
+
+    def forward(self, features: List[Tensor]) -> List[Tensor]:
+        merged = self.lateral[-1](features[-1])
+        pyramid = [self.output[-1](merged)]
+        for i in range(len(features) - 2, -1, -1):
+            lateral = self.lateral[i](features[i])
+            merged = lateral + F.interpolate(merged, size=lateral.shape[-2:], mode="nearest")
+            pyramid.insert(0, self.output[i](merged))
+        pyramid.append(F.max_pool2d(pyramid[-1], kernel_size=1, stride=2))
+        return pyramid
+
+# ─── 5. Region proposal network ────────────────────────────────────────────────────────────────
+
+
+class AnchorGenerator(nn.Module):
+    """Reference boxes ("anchors") tiled over every location of every feature level.
+
+    Level ``l`` has ``len(sizes[l]) * len(aspect_ratios[l])`` anchors per location. An anchor of
+    size s and ratio r = h / w has ``w = s / sqrt(r)``, ``h = s * sqrt(r)`` and is centred on the
+    location's top-left pixel ``(x * stride, y * stride)``; base anchors are rounded to whole
+    pixels. Order: level, then row y, column x, then the anchors of that location (ratios outer,
+    sizes inner), which is the order in which the RPN head's outputs are flattened.
+    """
+
+    def __init__(self, sizes: Sequence[Sequence[float]] = ((32,), (64,), (128,), (256,), (512,)),
+                 aspect_ratios: Sequence[Sequence[float]] = ((0.5, 1.0, 2.0),) * 5):
+        super().__init__()
+        if len(sizes) != len(aspect_ratios):
+            raise ValueError(f"{len(sizes)} levels of anchor sizes but {len(aspect_ratios)} of ratios")
+        self.sizes, self.aspect_ratios = sizes, aspect_ratios
+        self.cell_anchors = [self.base_anchors(s, r) for s, r in zip(sizes, aspect_ratios)]
+
+    @staticmethod
+    def base_anchors(sizes: Sequence[float], ratios: Sequence[float]) -> Tensor:
+        """``[A, 4]`` anchors centred on (0, 0): ``round([-w, -h, w, h] / 2)``."""
+        sizes = torch.as_tensor(sizes, dtype=torch.float32)
+        h_ratios = torch.sqrt(torch.as_tensor(ratios, dtype=torch.float32))
+        ws = (sizes[None, :] / h_ratios[:, None]).reshape(-1)
+        hs = (sizes[None, :] * h_ratios[:, None]).reshape(-1)
+        return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()
+
+    def num_anchors_per_location(self) -> List[int]:
+        return [len(s) * len(r) for s, r in zip(self.sizes, self.aspect_ratios)]
+
+    def forward(self, image_size: Tuple[int, int], feature_shapes: List[Tuple[int, int]],
+                device=None) -> Tuple[Tensor, List[int]]:
+        """Anchors ``[sum_l H_l * W_l * A_l, 4]`` for a padded image of ``image_size`` (H, W), and
+        the stride of each level (``image_size // feature_size``)."""
+        if len(feature_shapes) != len(self.cell_anchors):
+            raise ValueError(
+                f"the backbone gives {len(feature_shapes)} feature levels but the anchor generator "
+                f"has sizes for {len(self.cell_anchors)}: pass one tuple of anchor sizes per level"
+            )
+        anchors, strides = [], []
+        for (h, w), cell in zip(feature_shapes, self.cell_anchors):
+            stride_y, stride_x = image_size[0] // h, image_size[1] // w
+            ys = torch.arange(h, dtype=torch.float32, device=device) * stride_y
+            xs = torch.arange(w, dtype=torch.float32, device=device) * stride_x
+            ys, xs = torch.meshgrid(ys, xs, indexing="ij")
+            shifts = torch.stack([xs, ys, xs, ys], dim=-1).reshape(-1, 1, 4)
+            anchors.append((shifts + cell.to(device)[None]).reshape(-1, 4))
+            strides.append(stride_y)
+        return torch.cat(anchors), strides
+
+
+class RPNHead(nn.Module):
+    """A 3x3 conv + ReLU shared by all levels, then two 1x1 convs per location:
+    ``A`` objectness logits and ``4A`` box deltas. ``[B, C, H, W] -> ([B, A, H, W], [B, 4A, H, W])``
+    per level."""
+
+    def __init__(self, in_channels: int = 256, num_anchors: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
+        self.cls_logits = nn.Conv2d(in_channels, num_anchors, 1)
+        self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, 1)
+        for layer in (self.conv, self.cls_logits, self.bbox_pred):
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+        logits, deltas = [], []
+        for x in features:
+            x = F.relu(self.conv(x))
+            logits.append(self.cls_logits(x))
+            deltas.append(self.bbox_pred(x))
+        return logits, deltas
+
+
+BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS = -1, -2
+
+
+def match_boxes(iou: Tensor, high: float, low: float, allow_low_quality: bool) -> Tensor:
+    """Assign each candidate box (anchor or proposal) to a ground-truth box.
+
+    Args:
+        iou: ``[G, N]`` IoU of G ground-truth boxes with N candidates.
+        high, low: a candidate whose best IoU is >= high matches that box; < low it is background
+            (``BELOW_LOW_THRESHOLD``); in between it is ignored (``BETWEEN_THRESHOLDS``).
+        allow_low_quality: also match, for every ground-truth box, the candidates with the highest
+            IoU with it (ties included), even below ``high``, so that no object goes unmatched.
+
+    Returns:
+        ``[N]`` int64: the matched ground-truth index, or -1 / -2.
+    """
+    best_iou, matches = iou.max(dim=0)
+    original = matches.clone() if allow_low_quality else None
+    matches[best_iou < low] = BELOW_LOW_THRESHOLD
+    matches[(best_iou >= low) & (best_iou < high)] = BETWEEN_THRESHOLDS
+    if allow_low_quality:
+        best_per_gt = iou.max(dim=1).values
+        candidates = torch.where(iou == best_per_gt[:, None])[1]
+        matches[candidates] = original[candidates]
+    return matches
+
+
+def sample_balanced(labels: Tensor, batch_size: int, positive_fraction: float
+                    ) -> Tuple[Tensor, Tensor]:
+    """Pick at most ``batch_size`` candidates, at most ``positive_fraction`` of them positive.
+
+    ``labels`` ``[N]``: >= 1 positive, 0 negative, -1 ignored. Negatives fill the places positives
+    leave free. Returns boolean masks ``(positive [N], negative [N])``. Random, via ``randperm``.
+    """
+    positive = torch.where(labels >= 1)[0]
+    negative = torch.where(labels == 0)[0]
+    num_pos = min(positive.numel(), int(batch_size * positive_fraction))
+    num_neg = min(negative.numel(), batch_size - num_pos)
+    positive = positive[torch.randperm(positive.numel(), device=labels.device)[:num_pos]]
+    negative = negative[torch.randperm(negative.numel(), device=labels.device)[:num_neg]]
+    pos_mask = torch.zeros_like(labels, dtype=torch.bool)
+    neg_mask = torch.zeros_like(labels, dtype=torch.bool)
+    pos_mask[positive] = True
+    neg_mask[negative] = True
+    return pos_mask, neg_mask
+
+
+class RegionProposalNetwork(nn.Module):
+    """Scores every anchor as object/background, regresses it, and keeps the best as proposals.
+
+    Inference, per image: decode the deltas onto the anchors; per level keep the
+    ``pre_nms_top_n`` highest-scoring boxes (one top-k per level, so that the many fine-level
+    anchors cannot crowd out the coarse levels); clip to the image; drop boxes under ``min_size``;
+    NMS at ``nms_thresh`` within each level; keep the ``post_nms_top_n`` best overall.
+
+    Training adds the losses: anchors with IoU >= 0.7 with a ground-truth box (or the best
+    anchor for it) are positive, < 0.3 negative; 256 anchors per image are sampled, half positive
+    at most; ``rpn_cls`` is the binary cross-entropy over them, ``rpn_box`` the smooth-L1
+    (beta 1/9) of the positives' deltas, summed and divided by the number of sampled anchors.
+    """
+
+    def __init__(self, head: RPNHead, anchor_generator: AnchorGenerator, *,
+                 pre_nms_top_n: Tuple[int, int] = (2000, 1000),
+                 post_nms_top_n: Tuple[int, int] = (2000, 1000),
+                 nms_thresh: float = 0.7, fg_iou_thresh: float = 0.7, bg_iou_thresh: float = 0.3,
+                 batch_size_per_image: int = 256, positive_fraction: float = 0.5,
+                 min_size: float = 1e-3, score_thresh: float = 0.0):
+        super().__init__()
+        self.head, self.anchor_generator = head, anchor_generator
+        self.pre_nms_top_n, self.post_nms_top_n = pre_nms_top_n, post_nms_top_n  # (train, test)
+        self.nms_thresh, self.min_size, self.score_thresh = nms_thresh, min_size, score_thresh
+        self.fg_iou_thresh, self.bg_iou_thresh = fg_iou_thresh, bg_iou_thresh
+        self.batch_size_per_image, self.positive_fraction = batch_size_per_image, positive_fraction
+
+    def forward(self, features: List[Tensor], image_sizes: List[Tuple[int, int]],
+                padded_size: Tuple[int, int], targets: Optional[List[Dict[str, Tensor]]] = None
+                ) -> Tuple[List[Tensor], Dict[str, Tensor]]:
+        """Proposals (a list of ``[P_i, 4]``, one per image) and, with targets, the RPN losses."""
+        logits, deltas = self.head(features)
+        anchors, _ = self.anchor_generator(padded_size, [f.shape[-2:] for f in features],
+                                           features[0].device)
+        num_images = features[0].shape[0]
+        # [B, A, H, W] -> [B, H*W*A] and [B, 4A, H, W] -> [B, H*W*A, 4]: the anchors' order.
+        # Float32 even under autocast: decoding boxes of hundreds of pixels needs the precision.
+        per_level = [lg[0].numel() for lg in logits]
+        logits = torch.cat([lg.permute(0, 2, 3, 1).reshape(num_images, -1) for lg in logits], 1).float()
+        deltas = torch.cat([
+            d.view(num_images, -1, 4, *d.shape[-2:]).permute(0, 3, 4, 1, 2).reshape(num_images, -1, 4)
+            for d in deltas
+        ], 1).float()
+        boxes = decode_boxes(anchors.repeat(num_images, 1), deltas.detach().reshape(-1, 4))
+        proposals = self.filter_proposals(boxes.view(num_images, -1, 4), logits.detach(),
+                                          image_sizes, per_level)
+        losses = self.loss(anchors, logits, deltas, targets) if targets is not None else {}
+        return proposals, losses
+
+    def filter_proposals(self, boxes: Tensor, logits: Tensor, image_sizes, per_level: List[int]
+                         ) -> List[Tensor]:
+        """Per-level top-k, clip, drop tiny boxes, per-level NMS, keep the best overall."""
+        pre_n = self.pre_nms_top_n[0 if self.training else 1]
+        post_n = self.post_nms_top_n[0 if self.training else 1]
+        top_idx, levels, offset = [], [], 0
+        for lvl, level_logits in enumerate(logits.split(per_level, dim=1)):
+            k = min(pre_n, level_logits.shape[1])
+            top_idx.append(level_logits.topk(k, dim=1).indices + offset)
+            levels.append(torch.full((k,), lvl, dtype=torch.int64, device=logits.device))
+            offset += level_logits.shape[1]
+        top_idx, levels = torch.cat(top_idx, dim=1), torch.cat(levels)
+        rows = torch.arange(boxes.shape[0], device=boxes.device)[:, None]
+        boxes, scores = boxes[rows, top_idx], torch.sigmoid(logits[rows, top_idx])
+        proposals = []
+        for img_boxes, img_scores, size in zip(boxes, scores, image_sizes):
+            img_boxes = clip_boxes(img_boxes, size)
+            keep = remove_small_boxes(img_boxes, self.min_size)
+            keep = keep[img_scores[keep] >= self.score_thresh]
+            keep = keep[_batched_nms(img_boxes[keep], img_scores[keep], levels[keep], self.nms_thresh)]
+            proposals.append(img_boxes[keep[:post_n]])
+        return proposals
+
+    def loss(self, anchors: Tensor, logits: Tensor, deltas: Tensor,
+             targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+        labels, box_targets = [], []
+        for target in targets:
+            gt = target["boxes"]
+            if gt.numel() == 0:
+                labels.append(torch.zeros(anchors.shape[0], device=anchors.device))
+                box_targets.append(torch.zeros_like(anchors))
+                continue
+            matches = match_boxes(box_iou(gt, anchors), self.fg_iou_thresh, self.bg_iou_thresh, True)
+            label = (matches >= 0).float()
+            label[matches == BETWEEN_THRESHOLDS] = -1.0
+            labels.append(label)
+            box_targets.append(encode_boxes(anchors, gt[matches.clamp(min=0)]))
+        pos, neg = zip(*(sample_balanced(lb, self.batch_size_per_image, self.positive_fraction)
+                         for lb in labels))
+        pos, neg = torch.cat(pos), torch.cat(neg)
+        sampled = pos | neg
+        labels, box_targets = torch.cat(labels), torch.cat(box_targets)
+        box_loss = F.smooth_l1_loss(deltas.reshape(-1, 4)[pos], box_targets[pos], beta=1 / 9,
+                                    reduction="sum") / sampled.sum()
+        cls_loss = F.binary_cross_entropy_with_logits(logits.reshape(-1)[sampled], labels[sampled])
+        return {"rpn_cls": cls_loss, "rpn_box": box_loss}
+
+# ─── 6. ROI head ───────────────────────────────────────────────────────────────────────────────
+
+
+class ROIAlign(nn.Module):
+    """Multi-level RoIAlign: pools each box into a fixed ``[C, 7, 7]`` grid from the pyramid level
+    whose scale suits its size.
+
+    A box of area ``wh`` goes to level ``k = floor(4 + log2(sqrt(wh) / 224) + 1e-6)``, clamped to
+    the levels given (P2..P5): a 224 x 224 box, ImageNet's object scale, is pooled from P4, one
+    twice as large from P5. Each level's scale (1/4, 1/8, ...) is the power of two nearest to its
+    size over the image size. ``(features, boxes per image, image sizes) -> [K, C, 7, 7]``.
+    """
+
+    def __init__(self, output_size: Union[int, Tuple[int, int]] = 7, sampling_ratio: int = 2,
+                 canonical_size: float = 224.0, canonical_level: int = 4):
+        super().__init__()
+        self.output_size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+        self.sampling_ratio = sampling_ratio
+        self.canonical_size, self.canonical_level = canonical_size, canonical_level
+
+    def level_of(self, boxes: Tensor, k_min: int, k_max: int) -> Tensor:
+        """``[K]`` index of the level (0 = the finest given) each box ``[K, 4]`` is pooled from."""
+        size = torch.sqrt(box_area(boxes))
+        level = torch.floor(self.canonical_level + torch.log2(size / self.canonical_size)
+                            + torch.tensor(1e-6, dtype=size.dtype))
+        return (level.clamp(min=k_min, max=k_max) - k_min).to(torch.int64)
+
+    def forward(self, features: List[Tensor], boxes: List[Tensor],
+                image_sizes: List[Tuple[int, int]]) -> Tensor:
+        max_height = max(h for h, _ in image_sizes)
+        scales = [2.0 ** round(math.log2(f.shape[-2] / max_height)) for f in features]
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1)
+                          for i, b in enumerate(boxes)])
+        if len(features) == 1:
+            return _roi_align(features[0], rois, self.output_size, scales[0],
+                              self.sampling_ratio).to(features[0].dtype)
+        k_min, k_max = -round(math.log2(scales[0])), -round(math.log2(scales[-1]))
+        levels = self.level_of(rois[:, 1:], k_min, k_max)
+        pooled = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
+        for lvl, (feature, scale) in enumerate(zip(features, scales)):
+            idx = torch.where(levels == lvl)[0]
+            pooled[idx] = _roi_align(feature, rois[idx], self.output_size, scale,
+                                     self.sampling_ratio).to(pooled.dtype)
+        return pooled
+
+
+class TwoMLPHead(nn.Module):
+    """Flatten each pooled box and pass it through two fully connected layers with ReLU.
+
+    ``[K, C, 7, 7] -> [K, hidden_dim]``. (``fc6``/``fc7`` are the names these layers had in the
+    VGG-16 of the original Fast R-CNN, kept by torchvision.)
+    """
+
+    def __init__(self, in_channels: int = 256 * 7 * 7, hidden_dim: int = 1024, dropout: float = 0.0):
+        super().__init__()
+        self.fc6 = nn.Linear(in_channels, hidden_dim)
+        self.fc7 = nn.Linear(hidden_dim, hidden_dim)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.dropout(F.relu(self.fc6(x.flatten(1))))
+        return self.dropout(F.relu(self.fc7(x)))
+
+
+class FastRCNNPredictor(nn.Module):
+    """Class logits ``[K, num_classes]`` and one set of box deltas per class ``[K, 4 * num_classes]``.
+
+    Initialised as in Detectron: small normal weights (std 0.01 for the classifier, 0.001 for the
+    deltas) and zero biases, so that training starts from uniform scores and unmoved boxes.
+    """
+
+    def __init__(self, in_channels: int = 1024, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.cls_score = nn.Linear(in_channels, num_classes)
+        self.bbox_pred = nn.Linear(in_channels, num_classes * 4)
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+class ROIHeads(nn.Module):
+    """The second stage: pool each proposal, classify it, refine its box per class.
+
+    Training: the ground-truth boxes join the proposals; a proposal with IoU >= 0.5 takes its
+    best box's class, else it is background; 512 per image are sampled, a quarter positive at
+    most. ``roi_cls`` is the cross-entropy, ``roi_box`` the smooth-L1 (beta 1/9) of the true
+    class's deltas (weights 10, 10, 5, 5) over positives, divided by the number sampled.
+
+    Inference: softmax; for every class but the background decode its box, clip; keep scores
+    above ``score_thresh``; drop boxes under ``min_size``; NMS per class at ``nms_thresh``; keep
+    the ``detections_per_img`` best.
+    """
+
+    def __init__(self, roi_align: ROIAlign, box_head: nn.Module, predictor: nn.Module, *,
+                 fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.5,
+                 batch_size_per_image: int = 512, positive_fraction: float = 0.25,
+                 box_weights: Tuple[float, ...] = (10.0, 10.0, 5.0, 5.0), score_thresh: float = 0.05,
+                 nms_thresh: float = 0.5, detections_per_img: int = 100, min_size: float = 1e-2):
+        super().__init__()
+        self.roi_align, self.box_head, self.predictor = roi_align, box_head, predictor
+        self.fg_iou_thresh, self.bg_iou_thresh = fg_iou_thresh, bg_iou_thresh
+        self.batch_size_per_image, self.positive_fraction = batch_size_per_image, positive_fraction
+        self.box_weights, self.score_thresh, self.nms_thresh = box_weights, score_thresh, nms_thresh
+        self.detections_per_img, self.min_size = detections_per_img, min_size
+
+    def forward(self, features: List[Tensor], proposals: List[Tensor],
+                image_sizes: List[Tuple[int, int]], targets: Optional[List[Dict[str, Tensor]]] = None
+                ) -> Tuple[List[Dict[str, Tensor]], Dict[str, Tensor]]:
+        """Detections (inference) or the ROI losses (with targets)."""
+        if targets is not None:
+            proposals, labels, box_targets = self.sample(proposals, targets)
+        pooled = self.roi_align(features, proposals, image_sizes)
+        logits, deltas = self.predictor(self.box_head(pooled))
+        logits, deltas = logits.float(), deltas.float()
+        if targets is not None:
+            return [], self.loss(logits, deltas, labels, box_targets)
+        return self.postprocess(logits, deltas, proposals, image_sizes), {}
+
+    def sample(self, proposals: List[Tensor], targets: List[Dict[str, Tensor]]):
+        """Sampled proposals, their class labels and their regression targets, per image."""
+        sampled, labels, box_targets = [], [], []
+        for props, target in zip(proposals, targets):
+            gt, gt_labels = target["boxes"], target["labels"]
+            props = torch.cat([props, gt])
+            if gt.numel() == 0:
+                label = torch.zeros(props.shape[0], dtype=torch.int64, device=props.device)
+                matched_gt = torch.zeros_like(props)
+            else:
+                matches = match_boxes(box_iou(gt, props), self.fg_iou_thresh, self.bg_iou_thresh, False)
+                label = gt_labels[matches.clamp(min=0)].to(torch.int64)
+                label[matches == BELOW_LOW_THRESHOLD] = 0
+                label[matches == BETWEEN_THRESHOLDS] = -1
+                matched_gt = gt[matches.clamp(min=0)]
+            pos, neg = sample_balanced(label, self.batch_size_per_image, self.positive_fraction)
+            keep = torch.where(pos | neg)[0]
+            sampled.append(props[keep])
+            labels.append(label[keep])
+            box_targets.append(encode_boxes(props[keep], matched_gt[keep], self.box_weights))
+        return sampled, labels, box_targets
+
+    def loss(self, logits: Tensor, deltas: Tensor, labels: List[Tensor],
+             box_targets: List[Tensor]) -> Dict[str, Tensor]:
+        labels, box_targets = torch.cat(labels), torch.cat(box_targets)
+        cls_loss = F.cross_entropy(logits, labels)
+        pos = torch.where(labels > 0)[0]
+        deltas = deltas.reshape(deltas.shape[0], -1, 4)[pos, labels[pos]]
+        box_loss = F.smooth_l1_loss(deltas, box_targets[pos], beta=1 / 9, reduction="sum")
+        return {"roi_cls": cls_loss, "roi_box": box_loss / labels.numel()}
+
+    def postprocess(self, logits: Tensor, deltas: Tensor, proposals: List[Tensor],
+                    image_sizes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
+        num_classes = logits.shape[-1]
+        boxes = decode_boxes(torch.cat(proposals), deltas, self.box_weights)
+        boxes = boxes.view(-1, num_classes, 4)
+        scores = F.softmax(logits, dim=-1)
+        counts = [p.shape[0] for p in proposals]
+        results = []
+        for img_boxes, img_scores, size in zip(boxes.split(counts), scores.split(counts), image_sizes):
+            img_boxes = clip_boxes(img_boxes, size)[:, 1:].reshape(-1, 4)  # drop the background
+            classes = torch.arange(1, num_classes, device=logits.device).repeat(img_scores.shape[0])
+            img_scores = img_scores[:, 1:].reshape(-1)
+            keep = torch.where(img_scores > self.score_thresh)[0]
+            keep = keep[remove_small_boxes(img_boxes[keep], self.min_size)]
+            keep = keep[_batched_nms(img_boxes[keep], img_scores[keep], classes[keep], self.nms_thresh)]
+            keep = keep[: self.detections_per_img]
+            results.append({"boxes": img_boxes[keep], "scores": img_scores[keep], "labels": classes[keep]})
+        return results
+
+# ─── 7. The detector ───────────────────────────────────────────────────────────────────────────
+
+
+class FasterRCNN(nn.Module):
+    """Faster R-CNN: backbone (+ FPN) -> region proposal network -> ROI head.
+
+    Training mode: ``model(images, targets)`` returns the losses ``rpn_cls``, ``rpn_box``,
+    ``roi_cls``, ``roi_box`` and their sum ``total``. Eval mode: ``model(images)`` returns
+    ``(results, proposals)``: per image a dict of ``boxes`` ``[D, 4]``, ``scores`` ``[D]``,
+    ``labels`` ``[D]`` (1..num_classes-1) and the RPN's proposals ``[P, 4]``.
+
+    ``images`` is a normalised batch ``[B, 3, H, W]`` or a list of ``[3, H_i, W_i]`` images. The
+    model pads them (bottom/right, zeros) to a common size divisible by 32 and clips each image's
+    boxes to its own size. A batch that is already padded (``frcnn_collate_fn`` pads images of
+    different sizes) passes the true sizes as ``image_sizes``, a list of ``(H_i, W_i)``. ``targets`` holds per image ``boxes`` ``[G, 4]`` (absolute x1 y1 x2 y2
+    pixels) and ``labels`` ``[G]``; G may be 0.
+
+    Args:
+        num_classes: classes *including the background* (81 for COCO's 80 categories).
+        backbone: ``None`` builds ResNet-50 + FPN. Otherwise any module mapping ``[B, 3, H, W]``
+            to one feature map (``use_fpn=False``, its stride as ``anchor_stride``) or to a list
+            of maps, finest first (``use_fpn=True``: an FPN is built on top of them).
+        feat_channels: the backbone's output channels (an int, or one per map with an FPN);
+            read from ``backbone.out_channels`` when not given.
+        use_fpn: default True for the built-in backbone, False for a custom one.
+        anchor_sizes: with an FPN one size per pyramid level (default 32, 64, ... doubling);
+            without, all sizes at the single level (default 128, 256, 512).
+        aspect_ratios: anchor height/width ratios, the same at every level.
+        anchor_stride: the stride of a single-map backbone (checked against the real one).
+        pool_size, hidden_dim, dropout: the RoIAlign grid and the two-layer head.
+        weights_backbone, trainable_layers, frozen_bn, norm_eps, gradient_checkpointing: for the
+            built-in ResNet-50 (see ``ResNet50``).
+        rpn_kwargs, roi_kwargs: overrides for ``RegionProposalNetwork`` and ``ROIHeads``.
+    """
+
+    def __init__(self, num_classes: int = NUM_CLASSES, backbone: Optional[nn.Module] = None, *,
+                 feat_channels: Union[int, Sequence[int], None] = None, use_fpn: Optional[bool] = None,
+                 anchor_sizes: Optional[Sequence[float]] = None,
+                 aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0), anchor_stride: int = 16,
+                 pool_size: Tuple[int, int] = (7, 7), hidden_dim: int = 1024, dropout: float = 0.0,
+                 weights_backbone=None, trainable_layers: Optional[int] = None,
+                 frozen_bn: Optional[bool] = None, norm_eps: float = 1e-5,
+                 gradient_checkpointing: bool = False, sampling_ratio: int = 2,
+                 rpn_kwargs: Optional[dict] = None, roi_kwargs: Optional[dict] = None):
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(
+                f"num_classes={num_classes!r}: it counts the background, so K object classes "
+                f"need num_classes=K+1 (81 for COCO), at least 2"
+            )
+        self.num_classes = num_classes
+        if backbone is None:
+            backbone = ResNet50(weights_backbone, trainable_layers=trainable_layers, frozen_bn=frozen_bn,
+                                norm_eps=norm_eps, gradient_checkpointing=gradient_checkpointing)
+            use_fpn = True if use_fpn is None else use_fpn
+        use_fpn = bool(use_fpn)
+        feat_channels = feat_channels if feat_channels is not None else getattr(backbone, "out_channels", None)
+        if feat_channels is None:
+            raise ValueError("pass feat_channels, the number of channels of the backbone's output")
+        self.backbone = backbone
+        self.anchor_stride = anchor_stride
+        if use_fpn:
+            in_channels = list(feat_channels) if isinstance(feat_channels, Sequence) else [feat_channels]
+            self.fpn = FPN(in_channels, 256)
+            channels, levels = 256, len(in_channels) + 1
+            anchor_sizes = anchor_sizes or tuple(32 * 2**i for i in range(levels))
+            if len(anchor_sizes) != levels:
+                raise ValueError(f"with an FPN of {levels} levels pass {levels} anchor sizes, "
+                                 f"one per level; got {tuple(anchor_sizes)}")
+            generator = AnchorGenerator(tuple((s,) for s in anchor_sizes), (tuple(aspect_ratios),) * levels)
+        else:
+            if not isinstance(feat_channels, int):
+                raise ValueError("without an FPN the backbone returns one map: feat_channels must be an int")
+            self.fpn = None
+            channels = feat_channels
+            anchor_sizes = anchor_sizes or (128, 256, 512)
+            generator = AnchorGenerator((tuple(anchor_sizes),), (tuple(aspect_ratios),))
+        head = RPNHead(channels, generator.num_anchors_per_location()[0])
+        self.rpn = RegionProposalNetwork(head, generator, **(rpn_kwargs or {}))
+        self.roi_heads = ROIHeads(
+            ROIAlign(pool_size, sampling_ratio),
+            TwoMLPHead(channels * pool_size[0] * pool_size[1], hidden_dim, dropout),
+            FastRCNNPredictor(hidden_dim, num_classes),
+            **(roi_kwargs or {}),
+        )
+
+    # -- switches -------------------------------------------------------------------------------
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return bool(getattr(self.backbone, "gradient_checkpointing", False))
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute the backbone's top stages in backward instead of storing them (training only)."""
+        if not hasattr(self.backbone, "gradient_checkpointing"):
+            raise ValueError("this backbone has no gradient_checkpointing attribute to switch")
+        self.backbone.gradient_checkpointing = bool(enabled)
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward(self, images: Union[Tensor, List[Tensor]], targets: Optional[List[Dict[str, Tensor]]] = None,
+                image_sizes: Optional[List[Tuple[int, int]]] = None):
+        batch, image_sizes = self.batch_images(images, image_sizes)
+        if self.training:
+            targets = self.check_targets(targets, image_sizes, batch.device)
+        else:
+            targets = None
+        features = self.features(batch)
+        proposals, rpn_losses = self.rpn(features, image_sizes, tuple(batch.shape[-2:]), targets)
+        pooled_levels = features[:-1] if self.fpn is not None else features  # P6 is for the RPN only
+        detections, roi_losses = self.roi_heads(pooled_levels, proposals, image_sizes, targets)
+        if self.training:
+            losses = {**rpn_losses, **roi_losses}
+            losses["total"] = sum(losses.values())
+            return losses
+        return detections, proposals
+
+    def features(self, batch: Tensor) -> List[Tensor]:
+        """The feature maps the RPN sees: P2..P6 with an FPN, else the backbone's one map."""
+        out = self.backbone(batch)
+        if self.fpn is not None:
+            return self.fpn(list(out) if isinstance(out, (list, tuple)) else [out])
+        if isinstance(out, (list, tuple)):
+            raise ValueError("the backbone returned several maps: pass use_fpn=True to build an FPN on them")
+        stride = batch.shape[-2] // out.shape[-2]
+        if stride != self.anchor_stride:
+            raise ValueError(f"the backbone's output is 1/{stride} of the image size but "
+                             f"anchor_stride={self.anchor_stride}: pass anchor_stride={stride}")
+        return [out]
+
+    @torch.no_grad()
+    def predict(self, images: Union[Tensor, List[Tensor]], score_threshold: Optional[float] = None,
+                image_sizes: Optional[List[Tuple[int, int]]] = None) -> List[Dict[str, Tensor]]:
+        """Detections for a batch, in eval mode and without gradients; keeps only scores at or
+        above ``score_threshold`` if given. The module's training mode is restored afterwards."""
+        was_training = self.training
+        self.eval()
+        try:
+            results, _ = self(images, image_sizes=image_sizes)
+        finally:
+            self.train(was_training)
+        if score_threshold is not None:
+            results = [{k: v[r["scores"] >= score_threshold] for k, v in r.items()} for r in results]
+        return results
+
+    # -- input checks ---------------------------------------------------------------------------
+
+    @staticmethod
+    def batch_images(images: Union[Tensor, List[Tensor]], image_sizes: Optional[List[Tuple[int, int]]] = None,
+                     divisor: int = 32) -> Tuple[Tensor, List[Tuple[int, int]]]:
+        """Check the images and pad them into one ``[B, 3, H', W']`` tensor, H' and W' divisible
+        by ``divisor``; also return each image's own ``(H, W)`` (``image_sizes`` if given)."""
+        if isinstance(images, Tensor):
+            if images.dim() == 3:
+                raise ValueError(f"images has shape {list(images.shape)}: expected a batch "
+                                 "[B, 3, H, W]; use images[None] for one image, or pass a list")
+            if images.dim() != 4 or images.shape[1] != 3:
+                raise ValueError(f"images has shape {list(images.shape)}: expected [B, 3, H, W]")
+            images_list = list(images)
+        elif isinstance(images, (list, tuple)) and len(images) > 0:
+            images_list = list(images)
+            for i, img in enumerate(images_list):
+                if not isinstance(img, Tensor) or img.dim() != 3 or img.shape[0] != 3:
+                    shape = list(img.shape) if isinstance(img, Tensor) else type(img).__name__
+                    raise ValueError(f"image {i} is {shape}: each image must be a [3, H, W] tensor")
+        else:
+            raise ValueError("images must be a [B, 3, H, W] tensor or a non-empty list of [3, H, W] tensors")
+        if not images_list[0].is_floating_point():
+            raise TypeError(f"images are {images_list[0].dtype}: convert to float and normalise "
+                            "with IMAGENET_MEAN / IMAGENET_STD first")
+        sizes = [tuple(img.shape[-2:]) for img in images_list]
+        if image_sizes is not None:
+            given = [(int(h), int(w)) for h, w in image_sizes]
+            if len(given) != len(sizes) or any(h > H or w > W for (h, w), (H, W) in zip(given, sizes)):
+                raise ValueError(f"image_sizes {given} must give one (H, W) per image, each within "
+                                 f"the image tensor's {sizes[0]}")
+            sizes = given
+        height = math.ceil(max(h for h, _ in sizes) / divisor) * divisor
+        width = math.ceil(max(w for _, w in sizes) / divisor) * divisor
+        if isinstance(images, Tensor):
+            batch = F.pad(images, (0, width - images.shape[-1], 0, height - images.shape[-2]))
+        else:
+            batch = images_list[0].new_zeros((len(images_list), 3, height, width))
+            for img, padded in zip(images_list, batch):
+                padded[:, : img.shape[1], : img.shape[2]].copy_(img)
+        if not torch.isfinite(batch).all():
+            raise ValueError("images contain NaN or Inf: check the data pipeline (e.g. a division by zero)")
+        return batch, sizes
+
+    def check_targets(self, targets, image_sizes: List[Tuple[int, int]], device) -> List[Dict[str, Tensor]]:
+        """Validate training targets; return them as float32 boxes / int64 labels on ``device``."""
+        if targets is None:
+            raise ValueError("training mode needs targets: call model(images, targets), "
+                             "or model.eval() for inference")
+        if len(targets) != len(image_sizes):
+            raise ValueError(f"{len(image_sizes)} images but {len(targets)} targets: one dict per image")
+        checked = []
+        for i, (target, (height, width)) in enumerate(zip(targets, image_sizes)):
+            if not isinstance(target, dict) or "boxes" not in target or "labels" not in target:
+                raise ValueError(f"target {i} must be a dict with 'boxes' [G, 4] and 'labels' [G]")
+            boxes = torch.as_tensor(target["boxes"], dtype=torch.float32, device=device)
+            labels = torch.as_tensor(target["labels"], device=device)
+            if boxes.dim() != 2 or boxes.shape[1] != 4 or labels.shape != boxes.shape[:1]:
+                raise ValueError(f"target {i}: boxes {list(boxes.shape)} and labels {list(labels.shape)}: "
+                                 "expected [G, 4] and [G]")
+            if labels.is_floating_point():
+                raise TypeError(f"target {i}: labels are {labels.dtype}, expected an integer type")
+            if boxes.numel():
+                problem = self._first_bad_box(boxes, labels, height, width)
+                if problem:
+                    raise ValueError(f"target {i}: {problem}")
+            checked.append({"boxes": boxes, "labels": labels.to(torch.int64)})
+        return checked
+
+    def _first_bad_box(self, boxes: Tensor, labels: Tensor, height: int, width: int) -> Optional[str]:
+        if not torch.isfinite(boxes).all():
+            return "boxes contain NaN or Inf"
+        bad = torch.where((labels < 1) | (labels >= self.num_classes))[0]
+        if bad.numel():
+            return (f"label {int(labels[bad[0]])} is outside 1..{self.num_classes - 1}: 0 is the "
+                    f"background and num_classes={self.num_classes} counts it, so K classes "
+                    f"labelled 1..K need num_classes=K+1")
+        bad = torch.where((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))[0]
+        if bad.numel():
+            return (f"box {boxes[bad[0]].tolist()} has x2 <= x1 or y2 <= y1: boxes are "
+                    "[x1, y1, x2, y2] with positive size; drop degenerate boxes")
+        tol = 1e-2
+        outside = (boxes[:, :2] < -tol).any(1) | (boxes[:, 2] > width + tol) | (boxes[:, 3] > height + tol)
+        bad = torch.where(outside)[0]
+        if bad.numel():
+            return (f"box {boxes[bad[0]].tolist()} lies outside the {width}x{height} image: boxes "
+                    "are absolute pixels of the image given; clip them to the image")
+        return None
+
+    # -- torchvision's weights ------------------------------------------------------------------
+
+    @classmethod
+    def from_torchvision(cls, state_dict="COCO_V1", *, norm_eps: float = 0.0,
+                         map_coco_classes: bool = True, **kwargs) -> "FasterRCNN":
+        """ResNet-50 + FPN Faster R-CNN holding torchvision's ``fasterrcnn_resnet50_fpn`` weights.
+
+        ``state_dict`` is a state dict of that model (old or new key names), the path of one, or a
+        torchvision weights name (``"COCO_V1"``, downloaded once). A 91-way COCO head (indexed by
+        the sparse COCO ids) is mapped onto the 81 contiguous classes of ``COCO_NAMES`` unless
+        ``map_coco_classes=False``; another head size is kept as it is. The mapping drops the 10
+        unused "N/A" outputs, whose share of the softmax is negligible in the trained model.
+        ``norm_eps`` is 0.0 for the published COCO weights; use 1e-5 for a model built by
+        torchvision without them.
+        """
+        from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+
+        state = load_weights(state_dict, FasterRCNN_ResNet50_FPN_Weights, "Faster R-CNN")
+        state = torchvision_to_course_state_dict(state, map_coco_classes)
+        num_classes = state["roi_heads.predictor.cls_score.weight"].shape[0]
+        kwargs = {"frozen_bn": True, "trainable_layers": 3, **kwargs}  # pretrained, like torchvision
+        model = cls(num_classes, norm_eps=norm_eps, **kwargs)
+        model.load_state_dict(state)
+        return model
+
+
+_TORCHVISION_KEY_RULES = [  # (pattern, replacement), applied in order
+    (r"^backbone\.body\.", "backbone."),
+    (r"^backbone\.fpn\.inner_blocks\.(\d+)\.(?:0\.)?", r"fpn.lateral.\1."),
+    (r"^backbone\.fpn\.layer_blocks\.(\d+)\.(?:0\.)?", r"fpn.output.\1."),
+    (r"^rpn\.head\.conv\.(?:0\.0\.)?", "rpn.head.conv."),
+    (r"^roi_heads\.box_predictor\.", "roi_heads.predictor."),
+]
+
+
+def coco91_rows() -> Tuple[Tensor, Tensor]:
+    """Rows of torchvision's 91-way COCO head for our 81 classes: class rows ``[81]`` (background,
+    then each label's COCO id) and box-delta rows ``[324]`` (4 per class)."""
+    rows = torch.tensor([0] + COCO_CATEGORY_IDS)
+    return rows, (rows[:, None] * 4 + torch.arange(4)).reshape(-1)
+
+
+def course_key(torchvision_key: str) -> str:
+    """This module's name for a parameter of torchvision's ``fasterrcnn_resnet50_fpn``."""
+    import re
+
+    for pattern, replacement in _TORCHVISION_KEY_RULES:
+        torchvision_key = re.sub(pattern, replacement, torchvision_key)
+    return torchvision_key
+
+
+def torchvision_to_course_state_dict(state: Dict[str, Tensor], map_coco_classes: bool = True
+                                     ) -> Dict[str, Tensor]:
+    """Rename a torchvision ``fasterrcnn_resnet50_fpn`` state dict to this module's names, and map
+    a 91-way COCO head onto the 81 contiguous ``COCO_NAMES`` classes."""
+    renamed = {course_key(key): value for key, value in state.items()}
+    if map_coco_classes and renamed["roi_heads.predictor.cls_score.weight"].shape[0] == 91:
+        rows, box_rows = coco91_rows()
+        for name in ("weight", "bias"):
+            key = f"roi_heads.predictor.cls_score.{name}"
+            renamed[key] = renamed[key][rows]
+            key = f"roi_heads.predictor.bbox_pred.{name}"
+            renamed[key] = renamed[key][box_rows]
+    return renamed
+
+
+def fasterrcnn_resnet50_fpn(num_classes: int = NUM_CLASSES, weights_backbone=None,
+                            trainable_layers: Optional[int] = None, **kwargs) -> FasterRCNN:
+    """Faster R-CNN with a ResNet-50 + FPN backbone, torchvision's configuration.
+    ``weights_backbone="IMAGENET1K_V1"`` starts from ImageNet."""
+    return FasterRCNN(num_classes, weights_backbone=weights_backbone,
+                      trainable_layers=trainable_layers, **kwargs)
+
+
+def fasterrcnn_resnet101_fpn(num_classes: int = NUM_CLASSES, weights_backbone=None,
+                             trainable_layers: Optional[int] = None, frozen_bn: Optional[bool] = None,
+                             norm_eps: float = 1e-5, gradient_checkpointing: bool = False,
+                             **kwargs) -> FasterRCNN:
+    """Faster R-CNN with a ResNet-101 + FPN backbone (built through the generic backbone path)."""
+    backbone = ResNet101(weights_backbone, trainable_layers=trainable_layers, frozen_bn=frozen_bn,
+                         norm_eps=norm_eps, gradient_checkpointing=gradient_checkpointing)
+    return FasterRCNN(num_classes, backbone, use_fpn=True, **kwargs)
+
+
+def torchvision_twin(model: FasterRCNN, map_coco_classes: bool = False) -> nn.Module:
+    """torchvision's own ``FasterRCNN`` holding the same weights as ``model`` (a ResNet-50 + FPN),
+    for side-by-side checks: frozen BatchNorm, the same trainable layers, and a transform that
+    neither resizes nor normalises, so both models see the same pixels. With an 81-class model
+    and ``map_coco_classes=True`` its head is spread back onto torchvision's 91 COCO ids."""
+    from torchvision.models import resnet50
+    from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBN
+
+    bn = model.backbone.bn1
+    norm = TorchvisionFrozenBN if isinstance(bn, FrozenBatchNorm2d) else nn.BatchNorm2d
+    trainable = sum(any(p.requires_grad for p in getattr(model.backbone, n).parameters())
+                    for n in ("conv1", "layer1", "layer2", "layer3", "layer4"))
+    body = resnet50(norm_layer=lambda c: norm(c, eps=bn.eps))
+    num_classes = 91 if map_coco_classes else model.num_classes
+    twin = TorchvisionFasterRCNN(_resnet_fpn_extractor(body, trainable), num_classes=num_classes,
+                                 min_size=1, max_size=100_000, image_mean=[0.0] * 3, image_std=[1.0] * 3)
+    twin.transform.resize = lambda image, target=None: (image, target)  # no resizing at all
+    their_name = {course_key(k): k for k in twin.state_dict()}
+    state = {their_name[k]: v for k, v in model.state_dict().items()}
+    if map_coco_classes:
+        rows, box_rows = coco91_rows()
+        for name in ("weight", "bias"):
+            for head, idx, size in (("cls_score", rows, 91), ("bbox_pred", box_rows, 364)):
+                key = f"roi_heads.box_predictor.{head}.{name}"
+                full = torch.zeros((size, *state[key].shape[1:]))
+                if head == "cls_score" and name == "bias":
+                    full.fill_(-1e4)  # the unused ids never win the softmax
+                full[idx] = state[key]
+                state[key] = full
+    twin.load_state_dict(state)
+    return twin.train(model.training)
+
+
+# TEMP (merged before the first commit)
+try:
+    from wip_train import *  # noqa: F401,F403
+except ModuleNotFoundError:
+    pass
+
+
+# ─── 9. Evaluation ─────────────────────────────────────────────────────────────────────────────
+# COCO's box mAP computed by pycocotools itself (the numbers papers report), a loop that runs a
+# detector over a loader, and the drawing helpers the notebooks use.
+
+COCO_METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl",
+                "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+"""The twelve numbers of ``COCOeval.summarize()``, in its order: AP averaged over IoU 0.50:0.95,
+AP at IoU 0.50 and 0.75, AP of small (< 32² px²), medium and large (> 96² px²) objects, then the
+average recall with at most 1, 10, 100 detections per image and by object size."""
+
+
+def _xywh(boxes: Tensor) -> List[List[float]]:
+    """Boxes [N, 4] x1, y1, x2, y2 -> COCO's [x, y, width, height] as Python floats."""
+    boxes = boxes.detach().cpu().double().reshape(-1, 4)
+    return torch.cat((boxes[:, :2], boxes[:, 2:] - boxes[:, :2]), 1).tolist()
+
+
+def coco_map(predictions: List[Dict[str, Tensor]], targets: List[Dict[str, Tensor]],
+             verbose: bool = False) -> Dict[str, float]:
+    """COCO box metrics of detections against ground truth, computed by pycocotools.
+
+    Args:
+        predictions: one dict per image with ``boxes`` [D, 4] (x1, y1, x2, y2), ``scores`` [D]
+            and ``labels`` [D].
+        targets: one dict per image, in the same order and the same pixel frame, with ``boxes``
+            [G, 4] and ``labels`` [G]; optional ``area`` [G] (square pixels; default the box area,
+            it decides the small/medium/large split) and ``iscrowd`` [G] (crowd regions are
+            ignored rather than counted as misses).
+        verbose: print pycocotools' own log and summary table.
+
+    Returns:
+        ``{name: value}`` for the names in ``COCO_METRICS`` (``AP``, ``AP50``, ``AP75``, ``APs``,
+        ``APm``, ``APl``, ``AR1``, ...), each in [0, 1], exactly pycocotools' numbers. As in
+        pycocotools, a metric with no ground truth to measure (e.g. ``APs`` without small
+        objects) is -1.0; so is every metric when there is no ground truth at all.
+
+    Images are numbered by position (the dicts' ``image_id`` is not needed), the categories are
+    the labels present in the ground truth, and detections become a result set through
+    ``COCO.loadRes``, exactly as one would do by hand.
+    """
+    if len(predictions) != len(targets):
+        raise ValueError(f"{len(predictions)} predictions for {len(targets)} targets: "
+                         "give one dict per image to both, in the same order")
+    images, gt_anns, dt_anns = [], [], []
+    for image_id, (pred, target) in enumerate(zip(predictions, targets)):
+        images.append({"id": image_id})
+        boxes = _xywh(target["boxes"])
+        labels = target["labels"].tolist()
+        areas = target["area"].tolist() if "area" in target else [w * h for _, _, w, h in boxes]
+        crowd = target["iscrowd"].tolist() if "iscrowd" in target else [0] * len(boxes)
+        for box, label, area, iscrowd in zip(boxes, labels, areas, crowd):
+            gt_anns.append({"id": len(gt_anns) + 1, "image_id": image_id, "category_id": label,
+                            "bbox": box, "area": area, "iscrowd": int(iscrowd)})
+        for box, score, label in zip(_xywh(pred["boxes"]), pred["scores"].tolist(),
+                                     pred["labels"].tolist()):
+            dt_anns.append({"image_id": image_id, "category_id": label, "bbox": box,
+                            "score": score})
+    if not gt_anns:
+        return {name: -1.0 for name in COCO_METRICS}
+
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        gt = COCO()
+        categories = sorted({ann["category_id"] for ann in gt_anns})
+        gt.dataset = {"images": images, "annotations": gt_anns,
+                      "categories": [{"id": c, "name": str(c)} for c in categories]}
+        gt.createIndex()
+        if dt_anns:
+            dt = gt.loadRes(dt_anns)
+        else:  # loadRes cannot take an empty list: an empty result set scores 0 where gt exists
+            dt = COCO()
+            dt.dataset = dict(gt.dataset, annotations=[])
+            dt.createIndex()
+        evaluator = COCOeval(gt, dt, iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: float(value) for name, value in zip(COCO_METRICS, evaluator.stats)}
+
+
+def evaluate(model: nn.Module, loader, *, verbose: bool = False, progress: bool = True,
+             max_batches: Optional[int] = None) -> Dict[str, float]:
+    """COCO box metrics of ``model`` over the images of ``loader``, in original image pixels.
+
+    Runs the detector in eval mode under ``torch.no_grad()`` (``model(images)`` returns
+    ``(results, proposals)``) on the model's device, maps every predicted and ground-truth box
+    back to its source image's pixels with :func:`boxes_to_original` (areas too), and scores
+    them with :func:`coco_map`. The model's training mode is restored afterwards.
+
+    The ground truth is gathered in the same single pass over the loader and turned into one
+    COCO index at the end: a stream has no index to cache it against, and gathering costs
+    nothing while staying right under shuffling, ``max_samples`` or worker sharding.
+
+    Args:
+        model: a detector following the ``FasterRCNN`` interface.
+        loader: yields ``(images, targets)`` as :func:`frcnn_collate_fn` batches them; images a
+            tensor [B, 3, H, W] or a list of [3, H_i, W_i] tensors.
+        verbose: print pycocotools' summary table.
+        progress: show a tqdm progress bar.
+        max_batches: stop after this many batches (``None``: the whole loader).
+
+    Returns:
+        The dict of :func:`coco_map`.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    predictions, ground_truth = [], []
+    model.eval()
+    try:
+        with torch.no_grad():
+            for step, (images, targets) in enumerate(tqdm(loader, desc="evaluate",
+                                                          disable=not progress)):
+                if max_batches is not None and step >= max_batches:
+                    break
+                images = images.to(device) if isinstance(images, Tensor) \
+                    else [image.to(device) for image in images]
+                results, _ = model(images, image_sizes=image_sizes_of(targets))
+                for result, target in zip(results, targets):
+                    predictions.append({
+                        "boxes": boxes_to_original(result["boxes"].cpu(), target),
+                        "scores": result["scores"].cpu(), "labels": result["labels"].cpu()})
+                    truth = {"boxes": boxes_to_original(target["boxes"], target),
+                             "labels": target["labels"]}
+                    if "area" in target:
+                        scale = target["scale"] if "scale" in target else torch.ones(4)
+                        truth["area"] = target["area"] / (scale[0] * scale[1])
+                    if "iscrowd" in target:
+                        truth["iscrowd"] = target["iscrowd"]
+                    ground_truth.append(truth)
+    finally:
+        model.train(was_training)
+    return coco_map(predictions, ground_truth, verbose=verbose)
+
+
+# Drawing ───────────────────────────────────────────────────────────────────────────────────────
+
+
+def unnormalize(image: Tensor) -> Tensor:
+    """A normalised image [3, H, W] back to displayable RGB [H, W, 3] in [0, 1]."""
+    image = image.detach().cpu().float() * IMAGENET_STD + IMAGENET_MEAN
+    return image.clamp(0, 1).permute(1, 2, 0)
+
+
+def draw_boxes(image: Tensor, boxes: Tensor, labels: Optional[Tensor] = None,
+               scores: Optional[Tensor] = None, class_names: List[str] = COCO_NAMES,
+               score_threshold: float = 0.0, title: Optional[str] = None, ax=None):
+    """Draw an image with its boxes, class names and scores on a matplotlib axis.
+
+    Args:
+        image: normalised [3, H, W] (as the datasets return it) or displayable [H, W, 3].
+        boxes: [N, 4] x1, y1, x2, y2 in the image's pixels.
+        labels: [N] class indices into ``class_names``; colours follow the class.
+        scores: [N] confidences, written after the name; boxes under ``score_threshold`` are
+            not drawn.
+        class_names: names by label (``COCO_NAMES``, ``SHAPE_NAMES``, ...).
+        title: the axis title (default: the number of boxes drawn).
+        ax: the axis to draw on (default: a new figure).
+
+    Returns:
+        The matplotlib axis.
+    """
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 6))
+    ax.imshow((unnormalize(image) if image.ndim == 3 and image.shape[0] == 3 else image).numpy())
+    boxes = boxes.detach().cpu().reshape(-1, 4)
+    keep = torch.ones(len(boxes), dtype=torch.bool)
+    if scores is not None:
+        scores = scores.detach().cpu()
+        keep = scores >= score_threshold
+    colours = plt.get_cmap("tab10")
+    for i in torch.nonzero(keep).flatten().tolist():
+        x1, y1, x2, y2 = boxes[i].tolist()
+        label = int(labels[i]) if labels is not None else 0
+        colour = colours(label % 10)
+        ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=2, ec=colour))
+        text = class_names[label] if labels is not None and label < len(class_names) else str(label)
+        if scores is not None:
+            text += f" {float(scores[i]):.2f}"
+        ax.text(x1, y1, text, fontsize=8, color="white", va="bottom",
+                bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "edgecolor": "none"})
+    ax.set_title(title if title is not None else f"{int(keep.sum())} boxes")
+    ax.axis("off")
+    return ax
+
+
+def show_predictions(image: Tensor, target: Dict[str, Tensor], prediction: Dict[str, Tensor],
+                     class_names: List[str] = COCO_NAMES, score_threshold: float = 0.5,
+                     title: Optional[str] = None):
+    """Ground truth (left) beside predictions scoring at least ``score_threshold`` (right).
+
+    ``image`` is a normalised [3, H, W] tensor; ``target`` and ``prediction`` hold boxes in its
+    pixels. Returns the matplotlib figure.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 6))
+    draw_boxes(image, target["boxes"], target["labels"], class_names=class_names, ax=left,
+               title=f"ground truth: {len(target['boxes'])} objects")
+    shown = int((prediction["scores"] >= score_threshold).sum())
+    draw_boxes(image, prediction["boxes"], prediction["labels"], prediction["scores"],
+               class_names=class_names, score_threshold=score_threshold, ax=right,
+               title=f"predictions: {shown} with score >= {score_threshold:g}")
+    image_id = target.get("image_id")
+    fig.suptitle(title if title is not None else
+                 "ground truth vs predictions" + (f" (image {int(image_id)})"
+                                                  if image_id is not None else ""))
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,135 @@
+"""Shared pytest fixtures."""
+
+import json
+import os
+
+import pytest
+from PIL import Image, ImageDraw
+
+from frcnn_common import COCO_CATEGORY_IDS, COCO_NAMES
+
+# ─── data and evaluation fixtures: small COCO-like scenes made here, no network ─────────────────
+# Each scene: an image id, (width, height), a PIL mode, and objects (hub category 0..79, box
+# x1, y1, x2, y2 in pixels, RGB colour) painted as filled rectangles on a dark background, so a
+# box "sits on its object" exactly when its inside is painted and its outside is background.
+BACKGROUND = (30, 30, 30)
+SCENES = [
+    {"image_id": 101, "size": (160, 96), "mode": "RGB", "objects": [
+        (0, [10, 12, 50, 80], (230, 60, 60)), (16, [80, 20, 150, 60], (60, 200, 80))]},
+    {"image_id": 102, "size": (96, 128), "mode": "L", "objects": [
+        (79, [20, 30, 70, 100], (200, 200, 200))]},
+    {"image_id": 103, "size": (120, 120), "mode": "P", "objects": [
+        (2, [8, 8, 40, 40], (70, 90, 230)), (41, [60, 50, 110, 112], (240, 220, 40))]},
+    {"image_id": 104, "size": (100, 80), "mode": "CMYK", "objects": [
+        (56, [30, 10, 90, 70], (250, 120, 20))]},
+    {"image_id": 105, "size": (64, 64), "mode": "RGB", "objects": []},
+    # a zero-width box (dropped) and a box running off the right edge (clipped to 140)
+    {"image_id": 106, "size": (140, 90), "mode": "RGB", "objects": [
+        (15, [30, 20, 30, 60], (255, 255, 255)), (17, [100, 40, 160, 85], (90, 220, 220))]},
+]
+
+
+def draw_scene(scene) -> Image.Image:
+    """The scene's image, in its PIL mode."""
+    image = Image.new("RGB", scene["size"], BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for _, (x1, y1, x2, y2), colour in scene["objects"]:
+        if x2 > x1 and y2 > y1:
+            draw.rectangle([x1, y1, x2 - 1, y2 - 1], fill=colour)  # covers pixels x1..x2-1
+    if scene["mode"] == "P":
+        return image.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    return image.convert(scene["mode"])
+
+
+def expected_objects(scene):
+    """(boxes clipped to the image with degenerate ones dropped, labels 1..80) of a scene."""
+    width, height = scene["size"]
+    boxes, labels = [], []
+    for category, (x1, y1, x2, y2), _ in scene["objects"]:
+        box = [min(max(x1, 0), width), min(max(y1, 0), height),
+               min(max(x2, 0), width), min(max(y2, 0), height)]
+        if box[2] > box[0] and box[3] > box[1]:
+            boxes.append(box)
+            labels.append(category + 1)
+    return boxes, labels
+
+
+def make_hub_dataset(scenes=SCENES, names=None):
+    """A ``datasets.Dataset`` with the features of the hub's ``detection-datasets/coco``.
+
+    ``names`` (default the 80 COCO names in the hub's order) is the ClassLabel of
+    ``objects.category``; the scenes' categories index it, as on the hub.
+    """
+    import datasets
+
+    names = list(COCO_NAMES[1:]) if names is None else names
+    features = datasets.Features({
+        "image_id": datasets.Value("int64"),
+        "image": datasets.Image(),
+        "width": datasets.Value("int64"),
+        "height": datasets.Value("int64"),
+        "objects": datasets.Sequence({
+            "bbox_id": datasets.Value("int64"),
+            "category": datasets.ClassLabel(names=names),
+            "bbox": datasets.Sequence(datasets.Value("float64"), length=4),
+            "area": datasets.Value("int64"),
+        }),
+    })
+    rows = {"image_id": [], "image": [], "width": [], "height": [], "objects": []}
+    for scene in scenes:
+        objects = scene["objects"]
+        rows["image_id"].append(scene["image_id"])
+        rows["image"].append(draw_scene(scene))
+        rows["width"].append(scene["size"][0])
+        rows["height"].append(scene["size"][1])
+        rows["objects"].append({
+            "bbox_id": [scene["image_id"] * 10 + i for i in range(len(objects))],
+            "category": [names.index(COCO_NAMES[c + 1]) for c, _, _ in objects],
+            "bbox": [[float(v) for v in box] for _, box, _ in objects],
+            "area": [(b[2] - b[0]) * (b[3] - b[1]) for _, b, _ in objects],
+        })
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def write_coco_layout(root, scenes=SCENES, split="val"):
+    """The scenes in the official COCO layout: ``annotations/instances_{split}2017.json`` with
+    boxes ``[x, y, w, h]`` and sparse category ids, images under ``{split}2017/``."""
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    os.makedirs(os.path.join(root, f"{split}2017"), exist_ok=True)
+    images, annotations = [], []
+    for scene in scenes:
+        name = f"{scene['image_id']:012d}." + ("tif" if scene["mode"] == "CMYK" else "png")
+        draw_scene(scene).save(os.path.join(root, f"{split}2017", name))
+        width, height = scene["size"]
+        images.append({"id": scene["image_id"], "file_name": name, "width": width,
+                       "height": height})
+        for category, (x1, y1, x2, y2), _ in scene["objects"]:
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": scene["image_id"],
+                "category_id": COCO_CATEGORY_IDS[category], "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+    categories = [{"id": cid, "name": COCO_NAMES[i + 1], "supercategory": "thing"}
+                  for i, cid in enumerate(COCO_CATEGORY_IDS)]
+    with open(os.path.join(root, "annotations", f"instances_{split}2017.json"), "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    return root
+
+
+@pytest.fixture
+def hub_dataset():
+    return make_hub_dataset()
+
+
+@pytest.fixture
+def coco_dir(tmp_path):
+    return write_coco_layout(str(tmp_path / "coco"))
+
+
+@pytest.fixture
+def coco_kit():
+    """The scene helpers above, for tests that build their own variants."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(SCENES=SCENES, BACKGROUND=BACKGROUND, draw_scene=draw_scene,
+                           expected_objects=expected_objects, make_hub_dataset=make_hub_dataset,
+                           write_coco_layout=write_coco_layout)

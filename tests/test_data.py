@@ -1,0 +1,440 @@
+"""Data section: the COCO stream and its sources, synthetic shapes, collate (no network)."""
+
+import json
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from frcnn_common import (
+    COCO_NAMES, IMAGENET_MEAN, IMAGENET_STD, SHAPE_NAMES, COCOStreamDataset,
+    SyntheticShapesDataset, boxes_to_original, frcnn_collate_fn,
+)
+
+
+def foreground(image, background):
+    """Bool [H, W]: pixels of a normalised image [3, H, W] that are not the background colour."""
+    rgb = (image * IMAGENET_STD + IMAGENET_MEAN) * 255
+    return (rgb - torch.tensor(background, dtype=torch.float32).view(3, 1, 1)).abs().amax(0) > 40
+
+
+def assert_boxes_on_objects(image, boxes, background, margin=2):
+    """Inside each box (less a margin) is painted, just outside it is background."""
+    fg = foreground(image, background)
+    height, width = fg.shape
+    for x1, y1, x2, y2 in boxes.round().long().tolist():
+        inside = fg[y1 + margin:y2 - margin, x1 + margin:x2 - margin]
+        assert inside.float().mean() > 0.99, (x1, y1, x2, y2)
+        outside = []  # one-pixel lines just beyond each side, where they lie in the image
+        if x1 - margin - 1 >= 0:
+            outside.append(fg[y1 + margin:y2 - margin, x1 - margin - 1])
+        if x2 + margin < width:
+            outside.append(fg[y1 + margin:y2 - margin, x2 + margin])
+        if y1 - margin - 1 >= 0:
+            outside.append(fg[y1 - margin - 1, x1 + margin:x2 - margin])
+        if y2 + margin < height:
+            outside.append(fg[y2 + margin, x1 + margin:x2 - margin])
+        for line in outside:
+            assert line.float().mean() < 0.01, (x1, y1, x2, y2)
+
+
+# ─── the hub schema ─────────────────────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("resize", ["shorter", "square", None])
+@pytest.mark.parametrize("flip", [False, True])
+def test_hub_schema_boxes_sit_on_objects(hub_dataset, coco_kit, resize, flip):
+    data = COCOStreamDataset("val", source=hub_dataset, resize=resize, min_size=80,
+                             flip_prob=1.0 if flip else 0.0)
+    samples = list(data)
+    assert len(samples) == len(coco_kit.SCENES)  # evaluation keeps the image without objects
+    for (image, target), scene in zip(samples, coco_kit.SCENES):
+        boxes, labels = coco_kit.expected_objects(scene)
+        width0, height0 = scene["size"]
+        height, width = image.shape[1:]
+        assert int(target["image_id"]) == scene["image_id"]
+        assert target["orig_size"].tolist() == [height0, width0]
+        assert target["size"].tolist() == [height, width]
+        assert bool(target["flipped"]) == flip
+        if resize == "square":
+            assert (height, width) == (80, 80)
+        elif resize == "shorter":
+            assert min(height, width) <= 80 and max(height, width) <= int(80 * 1333 / 800)
+            assert abs(width / height - width0 / height0) < 0.03  # aspect ratio kept
+        else:
+            assert (height, width) == (height0, width0)
+        # labels by name: hub category c is COCO_NAMES[c + 1]
+        assert target["labels"].tolist() == labels
+        assert target["boxes"].dtype == torch.float32 and target["labels"].dtype == torch.int64
+        assert_boxes_on_objects(image, target["boxes"], coco_kit.BACKGROUND)
+        original = boxes_to_original(target["boxes"], target)
+        expected = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        torch.testing.assert_close(original, expected, atol=1e-3, rtol=0)
+
+
+def test_flip_mirrors_image_and_boxes(hub_dataset):
+    plain = list(COCOStreamDataset("val", source=hub_dataset, flip_prob=0.0, min_size=80))
+    flipped = list(COCOStreamDataset("val", source=hub_dataset, flip_prob=1.0, min_size=80))
+    for (image, target), (image_f, target_f) in zip(plain, flipped):
+        torch.testing.assert_close(image_f, image.flip(-1))
+        width = image.shape[-1]
+        mirrored = torch.stack([width - target["boxes"][:, 2], target["boxes"][:, 1],
+                                width - target["boxes"][:, 0], target["boxes"][:, 3]], 1)
+        torch.testing.assert_close(target_f["boxes"], mirrored)
+
+
+def test_category_names_come_from_the_features(coco_kit):
+    """A ClassLabel in another order still gives labels by name, not by index."""
+    names = list(reversed(COCO_NAMES[1:]))
+    data = COCOStreamDataset("val", source=coco_kit.make_hub_dataset(names=names), resize=None)
+    for (_, target), scene in zip(data, coco_kit.SCENES):
+        assert target["labels"].tolist() == coco_kit.expected_objects(scene)[1]
+
+
+def test_train_mode_skips_empty_images_and_flips(hub_dataset, coco_kit):
+    torch.manual_seed(0)
+    train = COCOStreamDataset("train", source=hub_dataset, min_size=80)
+    assert train.train and train.flip_prob == 0.5 and train.skip_empty
+    ids = [int(t["image_id"]) for _, t in train]
+    assert ids == [s["image_id"] for s in coco_kit.SCENES if s["image_id"] != 105]
+    flips = [bool(t["flipped"]) for _ in range(4) for _, t in train]
+    assert any(flips) and not all(flips)
+    keep = COCOStreamDataset("train", source=hub_dataset, skip_empty=False)
+    assert len(list(keep)) == len(coco_kit.SCENES)
+
+
+def test_image_modes_become_rgb(hub_dataset):
+    for image, target in COCOStreamDataset("val", source=hub_dataset, resize=None):
+        assert image.shape[0] == 3 and image.dtype == torch.float32  # L, P and CMYK included
+
+
+def test_max_samples(hub_dataset):
+    assert len(list(COCOStreamDataset("val", 3, source=hub_dataset))) == 3
+    assert len(list(COCOStreamDataset("val", 0, source=hub_dataset))) == 0
+
+
+# ─── other sources give the same samples ──────────────────────────────────────────────────────
+
+
+def assert_same_samples(samples_a, samples_b, pixels=True):
+    assert len(samples_a) == len(samples_b)
+    for (image_a, target_a), (image_b, target_b) in zip(samples_a, samples_b):
+        assert int(target_a["image_id"]) == int(target_b["image_id"])
+        assert target_a["labels"].tolist() == target_b["labels"].tolist()
+        torch.testing.assert_close(target_a["boxes"], target_b["boxes"])
+        if pixels:
+            torch.testing.assert_close(image_a, image_b)
+
+
+@pytest.mark.parametrize("resize", ["shorter", None])
+def test_coco_layout_matches_hub_schema(hub_dataset, coco_dir, resize):
+    hub = list(COCOStreamDataset("val", source=hub_dataset, resize=resize, min_size=80))
+    coco = list(COCOStreamDataset("val", source=coco_dir, resize=resize, min_size=80))
+    assert_same_samples(hub, coco)
+
+
+def test_coco_layout_crowd_regions(coco_kit, tmp_path):
+    root = coco_kit.write_coco_layout(str(tmp_path / "coco"), coco_kit.SCENES[:1])
+    path = tmp_path / "coco" / "annotations" / "instances_val2017.json"
+    coco = json.loads(path.read_text())
+    coco["annotations"][0]["iscrowd"] = 1
+    path.write_text(json.dumps(coco))
+    _, target = next(iter(COCOStreamDataset("val", source=root, resize=None)))
+    assert target["iscrowd"].tolist() == [1, 0]  # kept, flagged, for evaluation
+    _, target = next(iter(COCOStreamDataset("val", source=root, resize=None, train=True)))
+    assert target["iscrowd"].tolist() == [0] and target["labels"].tolist() == [17]
+
+
+def test_local_parquet_copy_matches_hub_schema(hub_dataset, tmp_path):
+    (tmp_path / "data").mkdir()
+    for shard, rows in enumerate([range(3), range(3, 6)]):
+        path = tmp_path / "data" / f"val-0000{shard}-of-00002.parquet"
+        hub_dataset.select(rows).to_parquet(str(path))
+    hub = list(COCOStreamDataset("val", source=hub_dataset, min_size=80))
+    local = list(COCOStreamDataset("val", source=str(tmp_path), min_size=80))
+    assert_same_samples(hub, local)
+    with pytest.raises(FileNotFoundError, match="split 'train'"):
+        COCOStreamDataset("train", source=str(tmp_path))
+
+
+def test_hub_files_without_metadata_use_dataset_infos(hub_dataset, tmp_path):
+    """Parquet files as the hub's repo holds them, described by its dataset_infos.json."""
+    import pyarrow.parquet as pq
+
+    hub_dataset.to_parquet(str(tmp_path / "full.parquet"))
+    table = pq.read_table(str(tmp_path / "full.parquet")).replace_schema_metadata(None)
+    (tmp_path / "full.parquet").unlink()
+    (tmp_path / "data").mkdir()
+    pq.write_table(table, str(tmp_path / "data" / "val-00000-of-00001-0123abcd.parquet"))
+    with pytest.raises(ValueError, match="cannot read the category names"):
+        COCOStreamDataset("val", source=str(tmp_path))
+
+    def value(dtype):
+        return {"dtype": dtype, "id": None, "_type": "Value"}
+
+    category = {"num_classes": 80, "names": COCO_NAMES[1:], "id": None, "_type": "ClassLabel"}
+    bbox = {"feature": value("float64"), "length": 4, "id": None, "_type": "Sequence"}
+    objects = {"bbox_id": value("int64"), "category": category, "bbox": bbox,
+               "area": value("int64")}
+    features = {"image_id": value("int64"), "image": {"decode": True, "id": None, "_type": "Image"},
+                "width": value("int64"), "height": value("int64"),
+                "objects": {"feature": objects, "length": -1, "id": None, "_type": "Sequence"}}
+    (tmp_path / "dataset_infos.json").write_text(
+        json.dumps({"detection-datasets--coco": {"description": "", "features": features}}))
+    hub = list(COCOStreamDataset("val", source=hub_dataset, min_size=80))
+    assert_same_samples(hub, list(COCOStreamDataset("val", source=str(tmp_path), min_size=80)))
+
+
+def test_datasets_iterable_and_dict_sources(hub_dataset):
+    import datasets
+
+    reference = list(COCOStreamDataset("val", source=hub_dataset, min_size=80))
+    stream = hub_dataset.to_iterable_dataset(num_shards=2)
+    assert_same_samples(reference, list(COCOStreamDataset("val", source=stream, min_size=80)))
+    splits = datasets.DatasetDict({"val": hub_dataset})
+    assert_same_samples(reference, list(COCOStreamDataset("val", source=splits, min_size=80)))
+    with pytest.raises(ValueError, match="split 'train' is not in the source"):
+        COCOStreamDataset("train", source=splits)
+
+
+# ─── DataLoader workers and shuffling ─────────────────────────────────────────────────────────
+
+
+def image_ids(loader):
+    return [int(t["image_id"]) for _, targets in loader for t in targets]
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("kind", ["map", "stream"])
+@pytest.mark.parametrize("workers", [2, 3])
+def test_workers_yield_each_sample_once(coco_kit, kind, workers):
+    scenes = [dict(s, image_id=s["image_id"] + 100 * k) for k in range(3) for s in coco_kit.SCENES]
+    source = coco_kit.make_hub_dataset(scenes)
+    if kind == "stream":
+        source = source.to_iterable_dataset(num_shards=6)  # 6 shards: by shard for 2 or 3 workers
+    data = COCOStreamDataset("val", source=source, resize="square", min_size=32)
+    loader = DataLoader(data, batch_size=2, num_workers=workers, collate_fn=frcnn_collate_fn)
+    ids = image_ids(loader)
+    assert sorted(ids) == sorted(s["image_id"] for s in scenes)
+    limited = COCOStreamDataset("val", 7, source=source, resize="square", min_size=32)
+    ids = image_ids(DataLoader(limited, batch_size=2, num_workers=workers,
+                               collate_fn=frcnn_collate_fn))
+    assert len(ids) == len(set(ids)) == 7
+
+
+@pytest.mark.parametrize("kind", ["map", "stream"])
+def test_shuffle(coco_kit, kind):
+    scenes = [dict(s, image_id=s["image_id"] + 100 * k) for k in range(4) for s in coco_kit.SCENES]
+    source = coco_kit.make_hub_dataset(scenes)
+    if kind == "stream":
+        source = source.to_iterable_dataset(num_shards=4)
+    make = lambda: COCOStreamDataset("val", source=source, resize="square", min_size=32,  # noqa
+                                     shuffle_buffer=8, seed=1)
+    order = [int(t["image_id"]) for _, t in make()]
+    assert sorted(order) == sorted(s["image_id"] for s in scenes)
+    assert order != [s["image_id"] for s in scenes]
+    assert order == [int(t["image_id"]) for _, t in make()]  # seeded
+    data = make()
+    data.set_epoch(1)
+    assert [int(t["image_id"]) for _, t in data] != order
+
+
+# ─── bad input ────────────────────────────────────────────────────────────────────────────────
+
+
+def test_unknown_split(coco_dir):
+    with pytest.raises(ValueError, match="split 'test'.*'train' or 'val'"):
+        COCOStreamDataset("test")
+    with pytest.raises(ValueError, match="calls it 'val'"):
+        COCOStreamDataset("validation")
+    with pytest.raises(FileNotFoundError, match="split 'test'.*instances_val2017"):
+        COCOStreamDataset("test", source=coco_dir)
+
+
+def test_missing_source(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        COCOStreamDataset("val", source=str(tmp_path / "no_such_dir"))
+    with pytest.raises(FileNotFoundError, match="no parquet files"):
+        COCOStreamDataset("val", source=str(tmp_path))  # exists, but holds nothing usable
+    with pytest.raises(TypeError, match="source must be"):
+        COCOStreamDataset("val", source=42)
+
+
+def test_coco_json_without_images(coco_kit, tmp_path):
+    root = coco_kit.write_coco_layout(str(tmp_path / "coco"))
+    path = tmp_path / "coco" / "annotations" / "instances_val2017.json"
+    coco = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(coco, images=[])))
+    with pytest.raises(ValueError, match="lists no images"):
+        COCOStreamDataset("val", source=root)
+
+
+def test_category_outside_the_list(coco_kit, tmp_path):
+    root = coco_kit.write_coco_layout(str(tmp_path / "coco"))
+    path = tmp_path / "coco" / "annotations" / "instances_val2017.json"
+    coco = json.loads(path.read_text())
+    coco["annotations"][0]["category_id"] = 12  # one of the 11 unused ids of COCO's 1..90
+    path.write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match="category_id 12, which is not among"):
+        COCOStreamDataset("val", source=root)
+    names = ["person", "unicorn"]  # a ClassLabel with a non-COCO name
+    scenes = [dict(coco_kit.SCENES[0], objects=coco_kit.SCENES[0]["objects"][:1])]
+    with pytest.raises(ValueError, match="unicorn"):
+        COCOStreamDataset("val", source=coco_kit.make_hub_dataset(scenes, names=names))
+
+
+def test_bad_resize_mode(hub_dataset):
+    with pytest.raises(ValueError, match="resize='stretch'"):
+        COCOStreamDataset("val", source=hub_dataset, resize="stretch")
+
+
+# ─── the hub, unreachable ─────────────────────────────────────────────────────────────────────
+
+
+def assert_names_offline_sources(message):
+    for alternative in ("parquet", "instances_val2017.json", "datasets.Dataset",
+                        "SyntheticShapesDataset"):
+        assert alternative in message
+
+
+def test_hub_offline_mode_fails_fast(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ConnectionError) as error:
+        COCOStreamDataset("val")
+    assert time.perf_counter() - start < 3
+    assert_names_offline_sources(str(error.value))
+
+
+def test_hub_that_never_answers_fails_within_the_timeout(monkeypatch):
+    """A server that accepts the connection and then stays silent: no hang."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        start = time.perf_counter()
+        with pytest.raises(ConnectionError) as error:
+            COCOStreamDataset("train", hub_timeout=1.0)
+        assert time.perf_counter() - start < 3
+    assert_names_offline_sources(str(error.value))
+
+
+def test_hub_refusing_connections_fails_fast(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    start = time.perf_counter()
+    with pytest.raises(ConnectionError, match="unreachable"):
+        COCOStreamDataset("val")
+    assert time.perf_counter() - start < 3
+    with pytest.raises(ConnectionError, match="no local directory either"):
+        COCOStreamDataset("val", source="my/coco")
+
+
+# ─── synthetic shapes ─────────────────────────────────────────────────────────────────────────
+
+
+def test_synthetic_is_deterministic_and_varied():
+    a, b = SyntheticShapesDataset(8, seed=3), SyntheticShapesDataset(8, seed=3)
+    for i in range(8):
+        torch.testing.assert_close(a[i][0], b[i][0])
+        torch.testing.assert_close(a[i][1]["boxes"], b[i][1]["boxes"])
+    assert not torch.equal(a[0][0], SyntheticShapesDataset(8, seed=4)[0][0])
+    assert not torch.equal(a[0][0], a[1][0])
+
+
+def test_synthetic_targets():
+    data = SyntheticShapesDataset(200, image_size=128, seed=0)
+    assert data.class_names == SHAPE_NAMES and data.num_classes == 4
+    sides, labels, counts = [], [], []
+    for i in range(len(data)):
+        image, target = data[i]
+        assert image.shape == (3, 128, 128)
+        boxes = target["boxes"]
+        assert ((boxes[:, :2] >= 0) & (boxes[:, 2:] <= 128) & (boxes[:, 2:] > boxes[:, :2])).all()
+        sides += (boxes[:, 2:] - boxes[:, :2]).amax(1).tolist()
+        labels += target["labels"].tolist()
+        counts.append(len(boxes))
+    assert set(labels) == {1, 2, 3} and min(counts) >= 1 and max(counts) == 4
+    assert min(sides) < 20 and max(sides) > 55  # small to large objects
+    assert len(set(counts)) == 4
+
+
+def test_synthetic_boxes_are_tight_on_the_shapes():
+    data = SyntheticShapesDataset(20, image_size=96, seed=1)
+    for i in range(len(data)):
+        pixels, boxes, _ = data.render(i)
+        image = pixels.float()
+        for x1, y1, x2, y2 in boxes.long().tolist():
+            patch = image[:, y1:y2, x1:x2]
+            # the shape touches all four sides of its box: the box's border rows and columns
+            # each hold pixels of the shape's colour, i.e. the colour at the box's centre row
+            colour = image[:, (y1 + y2) // 2, (x1 + x2) // 2].view(3, 1)
+            near = lambda strip: ((strip - colour).abs().amax(0) < 25).any()  # noqa: E731
+            assert near(patch[:, 0, :]) and near(patch[:, -1, :])
+            assert near(patch[:, :, 0]) and near(patch[:, :, -1])
+
+
+def test_synthetic_flip_and_loader():
+    torch.manual_seed(0)
+    data = SyntheticShapesDataset(16, image_size=64, seed=0, train=True)
+    plain = SyntheticShapesDataset(16, image_size=64, seed=0)
+    flipped = 0
+    for i in range(16):
+        image, target = data[i]
+        image0, target0 = plain[i]
+        if bool(target["flipped"]):
+            flipped += 1
+            torch.testing.assert_close(image, image0.flip(-1))
+            torch.testing.assert_close(boxes_to_original(target["boxes"], target), target0["boxes"])
+    assert 0 < flipped < 16
+    loader = DataLoader(plain, batch_size=4, num_workers=2, collate_fn=frcnn_collate_fn)
+    images, targets = next(iter(loader))
+    assert images.shape == (4, 3, 64, 64) and len(targets) == 4
+    torch.testing.assert_close(images[1], plain[1][0])
+
+
+def test_synthetic_is_fast():
+    data = SyntheticShapesDataset(100, image_size=128)
+    start = time.perf_counter()
+    for i in range(100):
+        data[i]
+    assert (time.perf_counter() - start) / 100 < 0.02  # seconds per image, generous for CI
+
+
+def test_synthetic_resize_options():
+    image, target = SyntheticShapesDataset(2, image_size=(96, 128), resize="shorter",
+                                           min_size=48)[0]
+    assert image.shape == (3, 48, 64)
+    torch.testing.assert_close(target["scale"], torch.full((4,), 0.5))
+
+
+# ─── collate ─────────────────────────────────────────────────────────────────────────────────
+
+
+def test_collate_pads_mixed_sizes_to_multiples_of_32():
+    a, b = torch.randn(3, 50, 70), torch.randn(3, 64, 40)
+    targets = [{"boxes": torch.zeros(0, 4)}, {"boxes": torch.ones(1, 4)}]
+    images, out = frcnn_collate_fn([(a, targets[0]), (b, targets[1])])
+    assert images.shape == (2, 3, 64, 96) and out == targets
+    torch.testing.assert_close(images[0, :, :50, :70], a)
+    torch.testing.assert_close(images[1, :, :64, :40], b)
+    assert images[0, :, 50:].abs().sum() == 0 and images[1, :, :, 40:].abs().sum() == 0
+    same, _ = frcnn_collate_fn([(a, {}), (a.clone(), {})])
+    assert same.shape == (2, 3, 50, 70)  # one size: stacked as it is
+
+
+def test_collate_with_stream_of_mixed_sizes(hub_dataset):
+    data = COCOStreamDataset("val", source=hub_dataset, min_size=80)
+    images, targets = next(iter(DataLoader(data, batch_size=3, collate_fn=frcnn_collate_fn)))
+    assert images.shape[0] == 3 and images.shape[2] % 32 == 0 and images.shape[3] % 32 == 0
+    assert [int(t["image_id"]) for t in targets] == [101, 102, 103]
+    assert np.all([t["size"][0] <= images.shape[2] for t in targets])

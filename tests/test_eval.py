@@ -1,0 +1,232 @@
+"""Evaluation section: coco_map against pycocotools, evaluate, drawing helpers (no network)."""
+
+import contextlib
+import io
+import json
+
+import matplotlib
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from frcnn_common import (
+    COCO_METRICS, SHAPE_NAMES, COCOStreamDataset, SyntheticShapesDataset, coco_map, draw_boxes,
+    evaluate, frcnn_collate_fn, show_predictions,
+)
+
+matplotlib.use("Agg")
+
+
+def random_scene(generator, num_images=12, num_classes=4):
+    """Random ground truth, and detections near it plus false ones, in a 200 x 160 frame."""
+    targets, predictions = [], []
+    for _ in range(num_images):
+        g = int(torch.randint(0, 6, (), generator=generator))
+        xy = torch.rand(g, 2, generator=generator) * torch.tensor([150.0, 110.0])
+        wh = 4 + torch.rand(g, 2, generator=generator) * 60
+        boxes = torch.cat([xy, xy + wh], 1)
+        labels = torch.randint(1, num_classes, (g,), generator=generator)
+        targets.append({"boxes": boxes, "labels": labels})
+        jitter = torch.randn(g, 4, generator=generator) * 4
+        extra = int(torch.randint(0, 4, (), generator=generator))
+        xy = torch.rand(extra, 2, generator=generator) * 150
+        false = torch.cat([xy, xy + 5 + torch.rand(extra, 2, generator=generator) * 40], 1)
+        predictions.append({
+            "boxes": torch.cat([boxes + jitter, false]),
+            "scores": torch.rand(g + extra, generator=generator),
+            "labels": torch.cat([labels, torch.randint(1, num_classes, (extra,),
+                                                       generator=generator)]),
+        })
+    return predictions, targets
+
+
+def pycocotools_by_hand(predictions, targets, tmp_path):
+    """The textbook route: a ground-truth json file, detections through loadRes."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    images, annotations, results = [], [], []
+    for i, (pred, target) in enumerate(zip(predictions, targets)):
+        images.append({"id": i, "width": 200, "height": 160})
+        for (x1, y1, x2, y2), label in zip(target["boxes"].double().tolist(),
+                                           target["labels"].tolist()):
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": label,
+                                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+        for (x1, y1, x2, y2), score, label in zip(pred["boxes"].double().tolist(),
+                                                  pred["scores"].tolist(), pred["labels"].tolist()):
+            results.append({"image_id": i, "category_id": label, "score": score,
+                            "bbox": [x1, y1, x2 - x1, y2 - y1]})
+    categories = sorted({a["category_id"] for a in annotations})
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": c, "name": str(c)} for c in categories]}))
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(path))
+        evaluator = COCOeval(gt, gt.loadRes(results), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return evaluator.stats.tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_coco_map_equals_pycocotools_by_hand(tmp_path, seed):
+    predictions, targets = random_scene(torch.Generator().manual_seed(seed))
+    ours = coco_map(predictions, targets)
+    assert list(ours) == COCO_METRICS
+    assert [ours[name] for name in COCO_METRICS] == pycocotools_by_hand(predictions, targets,
+                                                                        tmp_path)
+    assert 0 < ours["AP"] < 1  # a real mix of hits and misses, not a degenerate case
+
+
+def test_coco_map_perfect_and_disjoint():
+    _, targets = random_scene(torch.Generator().manual_seed(5))
+    perfect = [{"boxes": t["boxes"], "scores": torch.ones(len(t["labels"])), "labels": t["labels"]}
+               for t in targets]
+    metrics = coco_map(perfect, targets)
+    assert metrics["AP"] == metrics["AP50"] == metrics["AP75"] == metrics["AR100"] == 1.0
+    disjoint = [dict(p, boxes=p["boxes"] + 1000) for p in perfect]  # nowhere near any object
+    metrics = coco_map(disjoint, targets)
+    assert metrics["AP"] == metrics["AP50"] == metrics["AR100"] == 0.0
+    wrong_class = [dict(p, labels=p["labels"] % 3 + 1) for p in perfect]
+    assert coco_map(wrong_class, targets)["AP"] == 0.0
+
+
+def test_coco_map_empty_cases():
+    _, targets = random_scene(torch.Generator().manual_seed(6))
+    none = [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+             "labels": torch.zeros(0, dtype=torch.int64)} for _ in targets]
+    assert coco_map(none, targets)["AP"] == 0.0  # nothing detected
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}] * 3
+    assert coco_map(none[:3], empty) == {name: -1.0 for name in COCO_METRICS}  # nothing to find
+    assert coco_map([], []) == {name: -1.0 for name in COCO_METRICS}
+    with pytest.raises(ValueError, match="predictions for"):
+        coco_map(none[:2], targets[:3])
+
+
+def test_coco_map_ignores_crowd_regions():
+    target = {"boxes": torch.tensor([[0.0, 0, 50, 50], [100, 100, 190, 150]]),
+              "labels": torch.tensor([1, 1]), "iscrowd": torch.tensor([0, 1])}
+    pred = {"boxes": target["boxes"].clone(), "scores": torch.tensor([0.9, 0.8]),
+            "labels": torch.tensor([1, 1])}
+    assert coco_map([pred], [target])["AP"] == pytest.approx(1.0)  # hitting a crowd: no error
+    assert coco_map([pred], [dict(target, iscrowd=torch.tensor([0, 0]))])["AP"] == pytest.approx(1)
+    miss = dict(pred, boxes=pred["boxes"][:1], scores=pred["scores"][:1], labels=pred["labels"][:1])
+    assert coco_map([miss], [target])["AP"] == pytest.approx(1.0)  # missing a crowd costs nothing
+    assert coco_map([miss], [dict(target, iscrowd=torch.tensor([0, 0]))])["AP"] < 0.9
+
+
+def test_coco_map_is_quiet(capsys):
+    predictions, targets = random_scene(torch.Generator().manual_seed(7))
+    coco_map(predictions, targets)
+    assert capsys.readouterr().out == ""
+    coco_map(predictions, targets, verbose=True)
+    assert "Average Precision" in capsys.readouterr().out
+
+
+# ─── evaluate, with a stand-in detector that follows the contract ─────────────────────────────
+
+
+class OracleDetector(nn.Module):
+    """Knows the answer for every image it will see (keyed by its pixels) and follows the
+    eval-mode contract: ``model(images) -> (results, proposals)``. ``shift`` moves its boxes."""
+
+    def __init__(self, dataset, shift=0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.answers = list(dataset)  # (image, target) pairs
+        self.shift, self.calls, self.sizes = shift, [], []
+
+    def forward(self, images, image_sizes=None):
+        assert not self.training and not torch.is_grad_enabled()
+        self.calls.append(images.device)
+        self.sizes.extend(image_sizes)
+        results = []
+        for image in images:
+            for known, target in self.answers:  # crop the collate padding away
+                height, width = known.shape[-2:]
+                if torch.equal(image[:, :height, :width], known):
+                    break
+            else:
+                raise AssertionError("unknown image")
+            boxes = target["boxes"] + self.shift
+            results.append({"boxes": boxes, "scores": torch.ones(len(boxes)),
+                            "labels": target["labels"]})
+        return results, [torch.zeros(0, 4) for _ in images]
+
+
+def test_evaluate_maps_back_to_original_pixels(hub_dataset):
+    """Resized and flipped inputs: the oracle's boxes, in the input frame, must score 1.0."""
+    data = COCOStreamDataset("val", source=hub_dataset, min_size=80, flip_prob=1.0)
+    loader = DataLoader(data, batch_size=2, collate_fn=frcnn_collate_fn)
+    model = OracleDetector(data)
+    model.train()
+    metrics = evaluate(model, loader, progress=False)
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
+    assert model.training  # mode restored
+    assert model.calls and all(device == model.weight.device for device in model.calls)
+    assert model.sizes == [tuple(image.shape[-2:]) for image, _ in data]  # each image's own size
+    shifted = evaluate(OracleDetector(data, shift=6.0), loader, progress=False)
+    assert 0 < shifted["AP50"] and shifted["AP"] < 1.0
+
+
+def test_evaluate_uses_the_original_frame(hub_dataset, coco_kit):
+    """Ground truth is scored in original pixels: a prediction shifted by 6 px in the resized
+    frame (scale ~0.8) is a larger shift in original pixels, and coco_map by hand agrees."""
+    from frcnn_common import boxes_to_original
+
+    data = COCOStreamDataset("val", source=hub_dataset, min_size=80)
+    loader = DataLoader(data, batch_size=3, collate_fn=frcnn_collate_fn)
+    metrics = evaluate(OracleDetector(data, shift=6.0), loader, progress=False)
+    predictions, targets = [], []
+    for (_, target), scene in zip(data, coco_kit.SCENES):
+        boxes, labels = coco_kit.expected_objects(scene)
+        original = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        shifted = boxes_to_original(target["boxes"] + 6.0, target)
+        predictions.append({"boxes": shifted, "scores": torch.ones(len(labels)),
+                            "labels": torch.tensor(labels)})
+        targets.append({"boxes": original, "labels": torch.tensor(labels),
+                        "area": target["area"] / (target["scale"][0] * target["scale"][1])})
+    expected = coco_map(predictions, targets)
+    for name in COCO_METRICS:
+        assert metrics[name] == pytest.approx(expected[name], abs=1e-9)
+
+
+def test_evaluate_on_synthetic_shapes_with_max_batches():
+    data = SyntheticShapesDataset(12, image_size=64, seed=0)
+    model = OracleDetector(data)
+    loader = DataLoader(data, batch_size=4, collate_fn=frcnn_collate_fn)
+    assert evaluate(model, loader, progress=False, max_batches=2)["AP"] == pytest.approx(1.0)
+    assert len(model.calls) == 2
+
+
+# ─── drawing ──────────────────────────────────────────────────────────────────────────────────
+
+
+def test_draw_boxes_labels_everything():
+    import matplotlib.pyplot as plt
+
+    image, target = SyntheticShapesDataset(1, image_size=64)[0]
+    scores = torch.linspace(0.3, 0.9, len(target["boxes"]))
+    ax = draw_boxes(image, target["boxes"], target["labels"], scores, class_names=SHAPE_NAMES,
+                    score_threshold=0.5)
+    kept = int((scores >= 0.5).sum())
+    assert len(ax.patches) == kept and len(ax.texts) == kept
+    assert all(text.get_text().split()[0] in SHAPE_NAMES for text in ax.texts)
+    assert ax.get_title() == f"{kept} boxes"
+    plt.close("all")
+
+
+def test_show_predictions_titles_both_panels():
+    import matplotlib.pyplot as plt
+
+    image, target = SyntheticShapesDataset(1, image_size=64)[0]
+    prediction = {"boxes": target["boxes"], "labels": target["labels"],
+                  "scores": torch.ones(len(target["boxes"]))}
+    fig = show_predictions(image, target, prediction, class_names=SHAPE_NAMES)
+    left, right = fig.axes
+    assert left.get_title().startswith("ground truth") and right.get_title().startswith("predic")
+    assert fig._suptitle is not None and "image 0" in fig._suptitle.get_text()
+    plt.close(fig)

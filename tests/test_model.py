@@ -1,0 +1,428 @@
+"""The detector against torchvision's with the same weights, its learning, and its input checks."""
+
+import re
+import socket
+import time
+
+import pytest
+import torch
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBN
+
+import frcnn_common as fc
+
+
+def make_pair(seed=0, num_classes=fc.NUM_CLASSES, **kwargs):
+    """Our detector with random weights (statistics included) and torchvision's twin of it.
+
+    The classifier is scaled up so that random weights still give confident detections."""
+    torch.manual_seed(seed)
+    model = fc.fasterrcnn_resnet50_fpn(num_classes, frozen_bn=True, trainable_layers=3, **kwargs)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, fc.FrozenBatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1.0, 0.1)
+                m.bias.normal_(0, 0.1)
+        model.roi_heads.predictor.cls_score.weight.mul_(300)
+    return model.eval(), fc.torchvision_twin(model).eval()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return make_pair()
+
+
+@pytest.fixture(scope="module")
+def images():
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 256, 320)
+
+
+def twin_stages(twin, batch, image_sizes):
+    """torchvision's features, proposals and detections, called stage by stage (no transform)."""
+    image_list = ImageList(batch, image_sizes)
+    features = twin.backbone(batch)
+    proposals, _ = twin.rpn(image_list, features)
+    detections, _ = twin.roi_heads(features, proposals, image_sizes)
+    return features, proposals, detections
+
+
+def assert_same_detections(ours, theirs):
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert a["boxes"].shape[0] > 0, "the comparison needs detections to compare"
+        torch.testing.assert_close(a["boxes"], b["boxes"], atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(a["scores"], b["scores"], atol=1e-5, rtol=1e-5)
+        assert torch.equal(a["labels"], b["labels"])
+
+
+# ─── equal to torchvision, stage by stage ──────────────────────────────────────────────────────
+
+
+@torch.no_grad()
+def test_backbone_and_fpn_features_equal_torchvision(pair, images):
+    model, twin = pair
+    ours = model.features(images)
+    theirs = list(twin.backbone(images).values())
+    assert [f.shape[-1] for f in ours] == [80, 40, 20, 10, 5]  # strides 4..64 on a 320-wide image
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("size", [(256, 320), (800, 1088)])
+def test_anchors_equal_torchvision(pair, size):
+    model, twin = pair
+    batch = torch.zeros(1, 3, *size)
+    shapes = [(-(-size[0] // s), -(-size[1] // s)) for s in (4, 8, 16, 32, 64)]  # ceil, as the convs
+    features = [torch.zeros(1, 256, h, w) for h, w in shapes]
+    theirs = twin.rpn.anchor_generator(ImageList(batch, [size]), features)[0]
+    ours, strides = model.rpn.anchor_generator(size, shapes)
+    # the stride is image size // feature size, as in torchvision: 800 // 13 = 61 for P6 at 800 px
+    assert strides == [4, 8, 16, 32, 64 if size[0] % 64 == 0 else size[0] // shapes[-1][0]]
+    assert torch.equal(ours, theirs)
+
+
+def test_anchor_layout_matches_the_docstring():
+    generator = fc.AnchorGenerator(((32,),), ((0.5, 1.0, 2.0),))
+    anchors, _ = generator((64, 64), [(2, 2)])
+    # ratio 0.5 (h/w) is wide: w = 32 / sqrt(0.5) = 45.25 -> half-width 22.6 rounds to 23
+    assert anchors[:3].tolist() == [[-23.0, -11.0, 23.0, 11.0], [-16.0, -16.0, 16.0, 16.0],
+                                    [-11.0, -23.0, 11.0, 23.0]]
+    # next location: x moves by the stride (32), no half-stride offset
+    assert anchors[3].tolist() == [9.0, -11.0, 55.0, 11.0]
+
+
+@torch.no_grad()
+def test_proposals_roi_pooling_and_detections_equal_torchvision(pair, images):
+    model, twin = pair
+    sizes = [(256, 320)] * 2
+    features, their_props, their_dets = twin_stages(twin, images, sizes)
+    our_dets, our_props = model(images)
+    for a, b in zip(our_props, their_props):
+        assert a.shape[0] > 100
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    levels = list(features.values())[:4]
+    pooled_theirs = twin.roi_heads.box_roi_pool(features, their_props, sizes)
+    pooled_ours = model.roi_heads.roi_align(levels, our_props, sizes)
+    torch.testing.assert_close(pooled_ours, pooled_theirs, atol=1e-5, rtol=1e-5)
+    assert_same_detections(our_dets, their_dets)
+
+
+@torch.no_grad()
+def test_images_of_different_sizes_are_padded_and_clipped_like_torchvision(pair):
+    model, twin = pair
+    torch.manual_seed(2)
+    imgs = [torch.randn(3, 200, 300), torch.randn(3, 250, 170)]
+    batch, sizes = model.batch_images(imgs)
+    assert batch.shape == (2, 3, 256, 320) and sizes == [(200, 300), (250, 170)]
+    their_list, _ = twin.transform(imgs)
+    assert torch.equal(batch, their_list.tensors)
+    dets, _ = model(imgs)
+    _, _, their_dets = twin_stages(twin, batch, sizes)
+    assert_same_detections(dets, their_dets)
+    for det, (h, w) in zip(dets, sizes):
+        assert det["boxes"][:, 2].max() <= w and det["boxes"][:, 3].max() <= h
+
+
+@torch.no_grad()
+def test_bilinear_padding_of_a_batch_tensor_is_zero_on_the_right_and_bottom(pair):
+    batch, sizes = pair[0].batch_images(torch.ones(1, 3, 400, 400))
+    assert batch.shape == (1, 3, 416, 416) and sizes == [(400, 400)]
+    assert batch[..., 400:, :].abs().sum() == 0 and batch[..., :400, :400].min() == 1
+
+
+def test_training_losses_and_gradients_equal_torchvision(images):
+    model, twin = make_pair(seed=3)
+    model.train(), twin.train()
+    targets = [
+        {"boxes": torch.tensor([[10.0, 20, 200, 220], [150, 100, 300, 250]]), "labels": torch.tensor([1, 5])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},  # no objects
+    ]
+    torch.manual_seed(7)  # both samplers then draw the same random permutations
+    image_list = ImageList(images, [(256, 320)] * 2)
+    features = twin.backbone(images)
+    proposals, rpn_losses = twin.rpn(image_list, features, targets)
+    _, roi_losses = twin.roi_heads(features, proposals, image_list.image_sizes, targets)
+    theirs = {**rpn_losses, **roi_losses}
+    torch.manual_seed(7)
+    ours = model(images, targets)
+    names = {"rpn_cls": "loss_objectness", "rpn_box": "loss_rpn_box_reg",
+             "roi_cls": "loss_classifier", "roi_box": "loss_box_reg"}
+    for our_name, their_name in names.items():
+        torch.testing.assert_close(ours[our_name], theirs[their_name], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ours["total"], sum(theirs.values()), atol=1e-5, rtol=1e-5)
+    ours["total"].backward()
+    sum(theirs.values()).backward()
+    their_params = {fc.course_key(k): p for k, p in twin.named_parameters()}
+    trained = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    assert len(trained) == sum(p.requires_grad for p in twin.parameters())
+    for name, param in trained:
+        torch.testing.assert_close(param.grad, their_params[name].grad, atol=1e-5, rtol=1e-4,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+# ─── torchvision's weights ─────────────────────────────────────────────────────────────────────
+
+
+def test_from_torchvision_reads_old_and_new_key_names_and_maps_coco_ids(pair, images):
+    model, _ = pair
+    twin91 = fc.torchvision_twin(model, map_coco_classes=True)
+    state = twin91.state_dict()
+    assert state["roi_heads.box_predictor.cls_score.weight"].shape[0] == 91
+    old_names = {re.sub(r"(_blocks\.\d+)\.0\.", r"\1.", k.replace("rpn.head.conv.0.0.", "rpn.head.conv.")): v
+                 for k, v in state.items()}  # the names before torchvision 0.13
+    assert "rpn.head.conv.weight" in old_names and "backbone.fpn.inner_blocks.0.weight" in old_names
+    for source in (state, old_names):
+        loaded = fc.FasterRCNN.from_torchvision(source, norm_eps=model.backbone.bn1.eps).eval()
+        assert loaded.num_classes == 81
+        for key, value in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], value), key
+    # the class rows follow the names: torchvision's COCO category list names the same classes
+    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+
+    their_names = FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
+    assert [their_names[i] for i in fc.coco91_rows()[0]] == fc.COCO_NAMES
+    with torch.no_grad():
+        theirs = twin91(list(images))
+    to_label = {cid: i + 1 for i, cid in enumerate(fc.COCO_CATEGORY_IDS)}
+    theirs = [{**d, "labels": torch.tensor([to_label[int(i)] for i in d["labels"]])} for d in theirs]
+    with torch.no_grad():
+        assert_same_detections(model(images)[0], theirs)
+
+
+def test_from_torchvision_keeps_a_fine_tuned_head_size(pair):
+    model, _ = pair
+    state = fc.torchvision_twin(model).state_dict()
+    state = {k: (v[:5] if "box_predictor.cls_score" in k else v[:20] if "box_predictor.bbox_pred" in k else v)
+             for k, v in state.items()}
+    assert fc.FasterRCNN.from_torchvision(state).num_classes == 5
+
+
+def test_named_weights_offline_fail_fast_with_the_way_out(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # nothing cached
+
+    def unreachable(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match="weights=None"):
+        fc.ResNet50("IMAGENET1K_V1")
+    with pytest.raises(ConnectionError, match="download.pytorch.org"):
+        fc.FasterRCNN.from_torchvision("COCO_V1")
+    assert time.monotonic() - start < 10
+
+
+def test_a_connection_that_hangs_is_cut_off(monkeypatch):
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(30))
+    start = time.monotonic()
+    assert "no answer within 0.5 s" in fc.unreachable_reason("https://example.org/x", timeout=0.5)
+    assert time.monotonic() - start < 3
+
+
+def test_backbone_weights_load_from_a_file_and_unknown_names_are_refused(tmp_path):
+    torch.manual_seed(0)
+    source = fc.ResNet50()
+    path = tmp_path / "resnet50.pt"
+    torch.save({**source.state_dict(), "fc.weight": torch.zeros(1000, 2048)}, path)  # a classifier's
+    loaded = fc.ResNet50(str(path))
+    source_state = source.state_dict()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, source_state[key]), key
+    assert isinstance(loaded.bn1, fc.FrozenBatchNorm2d), "pretrained weights keep their statistics"
+    assert not loaded.layer1[0].conv1.weight.requires_grad and loaded.layer2[0].conv1.weight.requires_grad
+    with pytest.raises(ValueError, match="IMAGENET1K_V1"):
+        fc.ResNet50("IMAGENET_V9")
+
+
+# ─── frozen layers, checkpointing, learning ────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("trainable, first_trained", [(0, None), (1, "layer4"), (3, "layer2"), (5, "conv1")])
+def test_trainable_layers_freeze_the_stages_below(trainable, first_trained):
+    backbone = fc.ResNet50(trainable_layers=trainable, frozen_bn=True)
+    trained = [n for n, p in backbone.named_parameters() if p.requires_grad]
+    order = ["conv1", "layer1", "layer2", "layer3", "layer4"]
+    stages = {n.split(".")[0] for n in trained}
+    assert stages == set(order[len(order) - trainable:])
+    if first_trained:
+        assert first_trained in stages
+
+
+def test_frozen_batchnorm_changes_nothing_in_training():
+    torch.manual_seed(0)
+    model = fc.fasterrcnn_resnet50_fpn(trainable_layers=5, frozen_bn=True).train()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    before = {k: v.clone() for k, v in model.state_dict().items() if "bn" in k or "downsample.1" in k}
+    assert before and all("bn" not in n for n, _ in model.named_parameters())
+    target = [{"boxes": torch.tensor([[8.0, 8, 60, 60]]), "labels": torch.tensor([3])}]
+    model(torch.randn(1, 3, 128, 128) * 3 + 1, target)["total"].backward()
+    for k, v in before.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_gradient_checkpointing_gives_the_same_losses_and_gradients():
+    torch.manual_seed(0)
+    model = fc.fasterrcnn_resnet50_fpn().train()
+    images = torch.randn(2, 3, 160, 160)
+    targets = [{"boxes": torch.tensor([[8.0, 8, 90, 120]]), "labels": torch.tensor([2])}] * 2
+    results = []
+    for enabled in (False, True):
+        model.set_gradient_checkpointing(enabled)
+        assert model.gradient_checkpointing is enabled
+        model.zero_grad()
+        torch.manual_seed(1)
+        loss = model(images, targets)["total"]
+        loss.backward()
+        results.append((loss.detach(), model.backbone.layer3[0].conv1.weight.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
+class TwoLevelBackbone(torch.nn.Module):
+    """A small backbone returning two maps (strides 4 and 8), for an FPN built on top."""
+
+    out_channels = [32, 64]
+
+    def __init__(self):
+        super().__init__()
+        self.c2 = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, 2, 1), torch.nn.ReLU(),
+                                      torch.nn.Conv2d(32, 32, 3, 2, 1), torch.nn.ReLU())
+        self.c3 = torch.nn.Sequential(torch.nn.Conv2d(32, 64, 3, 2, 1), torch.nn.ReLU())
+
+    def forward(self, x):
+        c2 = self.c2(x)
+        return [c2, self.c3(c2)]
+
+
+def test_one_batch_is_learned_and_images_without_objects_train():
+    torch.manual_seed(0)
+    model = fc.FasterRCNN(3, TwoLevelBackbone(), use_fpn=True, anchor_sizes=(16, 32, 64), hidden_dim=128).train()
+    assert len(model.rpn.anchor_generator.cell_anchors) == 3  # P2, P3 and the pooled P4
+    images = torch.randn(2, 3, 128, 128)
+    targets = [{"boxes": torch.tensor([[16.0, 20, 80, 100], [70, 10, 120, 50]]), "labels": torch.tensor([1, 2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    history = []
+    for _ in range(40):
+        losses = model(images, targets)
+        optimizer.zero_grad()
+        losses["total"].backward()
+        optimizer.step()
+        history.append({k: v.item() for k, v in losses.items()})
+    assert all(torch.isfinite(torch.tensor(h["total"])) for h in history)
+    assert history[-1]["total"] < 0.3 * history[0]["total"], [h["total"] for h in history]
+    assert history[-1]["roi_cls"] < 0.2 * history[0]["roi_cls"]
+
+
+def test_a_batch_without_any_object_gives_zero_box_losses():
+    torch.manual_seed(0)
+    model = fc.fasterrcnn_resnet50_fpn().train()
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    losses = model(torch.randn(2, 3, 96, 96), [empty, empty])
+    assert losses["rpn_box"] == 0 and losses["roi_box"] == 0
+    assert losses["rpn_cls"] > 0 and losses["roi_cls"] > 0
+    losses["total"].backward()
+    assert torch.isfinite(model.rpn.head.cls_logits.weight.grad).all()
+
+
+# ─── bad input gets a clear error ──────────────────────────────────────────────────────────────
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    return fc.fasterrcnn_resnet50_fpn(num_classes=5)
+
+
+def box_target(boxes, labels):
+    return [{"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels)}]
+
+
+@pytest.mark.parametrize("images, targets, error, match", [
+    (torch.zeros(1, 3, 64, 64), None, ValueError, "needs targets"),
+    (torch.zeros(1, 3, 64, 64), box_target([[1, 1, 9, 9]], [5]), ValueError, "num_classes=5 counts it"),
+    (torch.zeros(1, 3, 64, 64), box_target([[1, 1, 9, 9]], [0]), ValueError, "outside 1..4"),
+    (torch.zeros(1, 3, 64, 64), box_target([[9, 1, 2, 9]], [1]), ValueError, "x2 <= x1"),
+    (torch.zeros(1, 3, 64, 64), box_target([[1, 1, 90, 9]], [1]), ValueError, "outside the 64x64 image"),
+    (torch.zeros(1, 3, 64, 64), box_target([[1, 1, float("nan"), 9]], [1]), ValueError, "NaN"),
+    (torch.zeros(3, 64, 64), box_target([[1, 1, 9, 9]], [1]), ValueError, r"images\[None\]"),
+    (torch.full((1, 3, 64, 64), float("inf")), box_target([[1, 1, 9, 9]], [1]), ValueError, "NaN or Inf"),
+    (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), box_target([[1, 1, 9, 9]], [1]), TypeError, "normalise"),
+    (torch.zeros(1, 3, 64, 64), box_target([[1, 1, 9, 9]], [1]) * 2, ValueError, "1 images but 2 targets"),
+])
+def test_bad_training_input_is_refused_clearly(small_model, images, targets, error, match):
+    small_model.train()
+    with pytest.raises(error, match=match):
+        small_model(images, targets)
+
+
+def test_num_classes_must_count_the_background():
+    with pytest.raises(ValueError, match="counts the background"):
+        fc.FasterRCNN(num_classes=1)
+
+
+# ─── the generic API ───────────────────────────────────────────────────────────────────────────
+
+
+class TinyBackbone(torch.nn.Module):
+    """Two stride-2 convolutions: one feature map at stride 4."""
+
+    out_channels = 32
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(16, 32, 3, 2, 1), torch.nn.ReLU())
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_custom_single_map_backbone_trains_and_predicts():
+    torch.manual_seed(0)
+    model = fc.FasterRCNN(4, TinyBackbone(), anchor_stride=4, anchor_sizes=(16, 32),
+                          hidden_dim=64, dropout=0.1)
+    assert model.fpn is None
+    losses = model.train()(torch.randn(2, 3, 64, 64), box_target([[4, 4, 40, 30]], [3]) * 2)
+    assert set(losses) == {"rpn_cls", "rpn_box", "roi_cls", "roi_box", "total"}
+    losses["total"].backward()
+    results = model.predict(torch.randn(1, 3, 64, 64), score_threshold=0.0)
+    assert model.training, "predict restores the training mode"
+    assert set(results[0]) == {"boxes", "scores", "labels"}
+    assert (results[0]["labels"] >= 1).all() and (results[0]["labels"] <= 3).all()
+
+
+def test_a_wrong_anchor_stride_is_named():
+    model = fc.FasterRCNN(4, TinyBackbone(), anchor_stride=16).eval()
+    with pytest.raises(ValueError, match="pass anchor_stride=4"):
+        model(torch.randn(1, 3, 64, 64))
+
+
+def test_resnet101_factory_matches_torchvision_parameter_count():
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
+
+    ours = fc.fasterrcnn_resnet101_fpn(num_classes=91, frozen_bn=True)
+    theirs = TorchvisionFasterRCNN(resnet_fpn_backbone(backbone_name="resnet101", weights=None,
+                                                       norm_layer=TorchvisionFrozenBN), 91)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+
+
+# ─── precision ─────────────────────────────────────────────────────────────────────────────────
+
+
+def test_bfloat16_autocast_on_cpu_runs_the_whole_model(pair, images):
+    model, _ = pair
+    targets = box_target([[10, 20, 200, 220]], [1]) * 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model.train()(images, targets)
+        model.eval()
+        with torch.no_grad():
+            results, proposals = model(images)
+    assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in losses.values())
+    assert results[0]["boxes"].dtype == torch.float32 and results[0]["boxes"].shape[0] > 0
+    assert torch.isfinite(proposals[0]).all()

@@ -1,0 +1,390 @@
+"""Tests of the training section: schedules, non-finite steps, checkpoints and resuming, DDP, and
+a short proof that the small detector learns the synthetic shapes."""
+
+import glob
+import math
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+from frcnn_common import (
+    NonFiniteLossError,
+    SyntheticShapesDataset,
+    TrainState,
+    cleanup_distributed,
+    evaluate,
+    fit,
+    load_checkpoint,
+    make_loader,
+    make_optimizer,
+    make_scheduler,
+    save_checkpoint,
+    setup_distributed,
+    tiny_detector,
+    train_one_epoch,
+    unwrap_model,
+    wrap_distributed,
+)
+
+CPU = torch.device("cpu")
+QUIET = dict(device=CPU, amp=False, progress=False)
+
+
+# ── helpers ──────────────────────────────────────────────────────────────────────────────────
+
+
+def small_detector(seed: int = 0, num_classes: int = 4) -> nn.Module:
+    """``tiny_detector`` made smaller still, so a step on 64 px images takes milliseconds."""
+    torch.manual_seed(seed)
+    return tiny_detector(
+        num_classes, feat_channels=32, hidden_dim=64,
+        rpn_kwargs=dict(pre_nms_top_n=(200, 100), post_nms_top_n=(100, 50)),
+        roi_kwargs=dict(batch_size_per_image=32),
+    )  # fmt: skip
+
+
+def shapes_loader(num_images: int = 6, batch_size: int = 2, shuffle: bool = True):
+    data = SyntheticShapesDataset(num_images, 64, seed=0, train=True)  # random flips
+    return make_loader(data, batch_size, shuffle=shuffle)
+
+
+class ToyDetector(nn.Module):
+    """A deterministic model with the detector's training interface: ``model(images, targets)``
+    returns a dict of losses with ``"total"``, each a mean over the batch."""
+
+    num_classes = 2
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, images, targets):
+        x = images if isinstance(images, torch.Tensor) else torch.stack(list(images))
+        pred = self.fc(F.relu(self.conv(x)).mean((2, 3)))
+        goal = torch.stack([t["boxes"][0] for t in targets]) / 16
+        box = F.smooth_l1_loss(pred, goal)
+        size = pred.pow(2).mean() * 0.1
+        return {"box": box, "size": size, "total": box + size}
+
+
+def toy_data(n: int = 4):
+    gen = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(3, 16, 16, generator=gen),
+         {"boxes": torch.rand(1, 4, generator=gen) * 16, "labels": torch.ones(1, dtype=torch.int64)})
+        for _ in range(n)
+    ]  # fmt: skip
+
+
+def weights(model: nn.Module):
+    return {k: v.detach().clone() for k, v in unwrap_model(model).state_dict().items()}
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=atol, msg=f"weights differ at {key}")
+
+
+class Interrupt(Exception):
+    """Stands for the run being killed (Ctrl-C, a lost machine)."""
+
+
+class InterruptingLoader:
+    """Yields the batches of ``loader`` and raises :class:`Interrupt` on the batch after
+    ``after`` batches in total (across epochs)."""
+
+    def __init__(self, loader, after: int):
+        self.loader, self.after, self.drawn = loader, after, 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if self.drawn == self.after:
+                raise Interrupt
+            self.drawn += 1
+            yield batch
+
+
+# ── optimiser and schedule ───────────────────────────────────────────────────────────────────
+
+
+def test_warmup_then_cosine_and_step():
+    param = nn.Parameter(torch.zeros(1))
+
+    def lrs(**kw):
+        opt = torch.optim.SGD([param], lr=1.0)
+        sched = make_scheduler(opt, 100, warmup_steps=10, **kw)
+        out = []
+        for _ in range(101):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    cosine = lrs()
+    assert cosine[0] == pytest.approx(0.001)
+    assert cosine[5] == pytest.approx(0.001 + 0.999 * 0.5)
+    assert cosine[10] == pytest.approx(1.0)
+    assert cosine[55] == pytest.approx(0.5)
+    assert cosine[100] == pytest.approx(0.0, abs=1e-12)
+    step = lrs(schedule="step")  # default milestones at 2/3 and 8/9 of training: 66 and 88
+    assert step[10] == pytest.approx(1.0) and step[65] == pytest.approx(1.0)
+    assert step[66] == pytest.approx(0.1) and step[88] == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="'cosine' or 'step'"):
+        make_scheduler(torch.optim.SGD([param], lr=1.0), 10, schedule="linear")
+
+
+def test_optimizer_takes_only_trainable_parameters():
+    model = small_detector()
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    opt = make_optimizer(model, lr=0.01)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == trainable
+    assert opt.param_groups[0]["momentum"] == 0.9 and opt.param_groups[0]["weight_decay"] == 1e-4
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        make_optimizer(model)
+
+
+# ── non-finite steps ─────────────────────────────────────────────────────────────────────────
+
+
+class Poisoned(nn.Module):
+    """Wraps a model; on the calls listed in ``bad_calls`` makes the loss (``where="loss"``), only
+    the gradient (``where="grad"``) or only the reported loss (``where="constant"``: a NaN added
+    that no gradient flows through) NaN."""
+
+    def __init__(self, inner, bad_calls, where="loss"):
+        super().__init__()
+        self.inner, self.bad_calls, self.where, self.calls = inner, set(bad_calls), where, 0
+        self.num_classes = inner.num_classes
+
+    def forward(self, images, targets):
+        losses = self.inner(images, targets)
+        bad = self.calls in self.bad_calls
+        self.calls += 1
+        if bad and self.where == "loss":
+            return {k: v * float("nan") for k, v in losses.items()}
+        if bad and self.where == "constant":
+            losses["total"] = losses["total"] + torch.tensor(float("nan"))
+            return losses
+        if bad:  # a finite loss whose gradient is NaN
+            zero = losses["total"] * 0
+            zero.register_hook(lambda grad: grad * float("nan"))
+            losses["total"] = losses["total"] + zero
+        return losses
+
+
+@pytest.mark.parametrize("where", ["loss", "grad"])
+def test_non_finite_step_is_skipped_and_counted(where, capsys):
+    torch.manual_seed(0)
+    model = Poisoned(ToyDetector(), bad_calls={1}, where=where)
+    opt = make_optimizer(model, lr=0.1)
+    snapshots = []
+    state = TrainState()
+    history = train_one_epoch(
+        model, make_loader(toy_data(8), 2, shuffle=False), opt, **QUIET, state=state,
+        on_step=lambda s: snapshots.append(weights(model)),
+    )  # fmt: skip
+    assert state.skipped_steps == 1 and state.bad_in_row == 0
+    assert history["skipped"] == [0.0, 1.0, 0.0, 0.0]
+    assert_same_weights(snapshots[0], snapshots[1], atol=0)  # the bad step changed nothing
+    assert not torch.equal(snapshots[1]["inner.fc.weight"], snapshots[2]["inner.fc.weight"])
+    assert all(torch.isfinite(v).all() for v in snapshots[-1].values())
+    assert "non-finite loss or gradient" in capsys.readouterr().err  # reported
+    if where == "loss":
+        assert math.isnan(history["total"][1])
+    else:
+        assert math.isfinite(history["total"][1]) and math.isnan(history["grad_norm"][1])
+
+
+def test_too_many_bad_steps_in_a_row_stop_the_run():
+    torch.manual_seed(0)
+    model = Poisoned(ToyDetector(), bad_calls=range(100))
+    before = weights(model)
+    with pytest.raises(NonFiniteLossError, match=r"3 training steps in a row.*lower the learning rate"):
+        train_one_epoch(model, make_loader(toy_data(8), 1), make_optimizer(model), **QUIET,
+                        max_bad_steps=3)  # fmt: skip
+    assert_same_weights(before, weights(model), atol=0)
+
+
+# ── checkpoints and resuming ─────────────────────────────────────────────────────────────────
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    settings = dict(lr=0.01, warmup_steps=2, **QUIET)
+    loader = shapes_loader()  # 3 batches per epoch, shuffled, randomly flipped
+    model_a = small_detector(seed=0)
+    torch.manual_seed(1)
+    history_a = fit(model_a, loader, 2, checkpoint_path=str(tmp_path / "a.pt"), **settings)
+    assert len(history_a["total"]) == 6
+
+    # The same run killed while fetching batch 6; the last checkpoint is from step 4 (mid-epoch).
+    model_b = small_detector(seed=0)
+    torch.manual_seed(1)
+    path = str(tmp_path / "b.pt")
+    with pytest.raises(Interrupt):
+        fit(model_b, InterruptingLoader(loader, after=5), 2, checkpoint_path=path,
+            checkpoint_every=2, **settings)  # fmt: skip
+    assert load_checkpoint(path, small_detector()).step == 4
+
+    # Resume into a differently initialised model, from a different random state.
+    model_c = small_detector(seed=7)
+    torch.manual_seed(12345)
+    history_c = fit(model_c, loader, 2, checkpoint_path=path, **settings)
+    assert_same_weights(weights(model_a), weights(model_c))
+    assert history_c["step"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    for key in ("total", "rpn_cls", "roi_cls", "lr"):
+        assert history_c[key] == pytest.approx(history_a[key], rel=1e-5, abs=1e-7), key
+    assert not glob.glob(str(tmp_path / ".*tmp*")), "temporary checkpoint files left behind"
+
+
+def test_checkpoint_from_other_num_classes_is_refused(tmp_path):
+    path = str(tmp_path / "four.pt")
+    four = small_detector(num_classes=4)
+    save_checkpoint(path, four, state=TrainState(epoch=1, step=3))
+    with pytest.raises(ValueError, match=r"num_classes=4 .*this model has num_classes=3.*num_classes=4"):
+        load_checkpoint(path, small_detector(num_classes=3))
+    plain = str(tmp_path / "plain.pt")
+    torch.save(four.state_dict(), plain)  # a bare state_dict: refused by tensor shape
+    with pytest.raises(ValueError, match=r"does not fit this model.*predictor"):
+        load_checkpoint(plain, small_detector(num_classes=3))
+    state = load_checkpoint(path, small_detector(num_classes=4))
+    assert (state.epoch, state.step) == (1, 3)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    model = ToyDetector()
+    save_checkpoint(path, model, state=TrainState(step=1))
+    good = weights(model)
+    with torch.no_grad():
+        model.fc.weight.add_(1.0)
+
+    def dies_halfway(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, model, state=TrainState(step=2))
+    monkeypatch.undo()
+    fresh = ToyDetector()
+    assert load_checkpoint(path, fresh).step == 1  # the previous checkpoint, intact
+    assert_same_weights(good, weights(fresh), atol=0)
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+# ── model switches and AMP ───────────────────────────────────────────────────────────────────
+
+
+def test_gradient_checkpointing_switch_gives_the_same_step():
+    results = []
+    for flag in (False, True):
+        model = small_detector(seed=0)
+        torch.manual_seed(1)
+        fit(model, shapes_loader(2, 2, shuffle=False), 1, gradient_checkpointing=flag, **QUIET)
+        assert model.gradient_checkpointing is flag
+        results.append({k: p.detach().clone() for k, p in model.named_parameters()})
+    # Parameters only: recomputing a stage in backward updates BatchNorm's running statistics a
+    # second time with the same batch, which shifts them slightly (harmless; FrozenBN has none).
+    assert_same_weights(*results, atol=1e-5)
+
+
+def test_bfloat16_autocast_on_cpu_trains():
+    model = small_detector(seed=0)
+    torch.manual_seed(1)
+    history = fit(model, shapes_loader(4, 2), 1, device=CPU, amp=True, progress=False)
+    assert len(history["total"]) == 2
+    assert all(math.isfinite(v) for v in history["total"]) and sum(history["skipped"]) == 0
+
+
+# ── data-parallel training ───────────────────────────────────────────────────────────────────
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, folder: str) -> None:
+    """One torchrun-like process: the environment torchrun would set, then the module's path."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    info = setup_distributed()
+    assert (info.rank, info.world_size) == (rank, world_size) and dist.get_backend() == "gloo"
+    try:
+        # 1. The toy model: rank r trains on samples r, r + 2 (batch 1 per rank).
+        torch.manual_seed(0)
+        model = wrap_distributed(ToyDetector())
+        loader = make_loader(toy_data(4), batch_size=1, shuffle=False)
+        fit(model, loader, 1, lr=0.1, warmup_steps=0, **QUIET,
+            checkpoint_path=os.path.join(folder, "ddp.pt"))  # fmt: skip
+        if rank == 0:
+            torch.save(weights(model), os.path.join(folder, "ddp_weights.pt"))
+        # 2. The real detector under DDP: every rank must hold the same weights afterwards.
+        detector = wrap_distributed(small_detector(seed=rank))  # DDP broadcasts rank 0's
+        fit(detector, shapes_loader(4, 1), 1, lr=0.01, warmup_steps=0, **QUIET)
+        flat = torch.cat([p.detach().flatten() for p in detector.parameters()])
+        everyone = [torch.empty_like(flat) for _ in range(world_size)]
+        dist.all_gather(everyone, flat)
+        in_sync = all(torch.equal(everyone[0], f) for f in everyone)
+        # 3. A NaN loss on rank 0 only, whose gradient is finite: every rank skips that step.
+        torch.manual_seed(0)
+        poisoned = wrap_distributed(Poisoned(ToyDetector(), {0} if rank == 0 else set(), "constant"))
+        state = TrainState()
+        train_one_epoch(poisoned, make_loader(toy_data(4), 1, shuffle=False),
+                        make_optimizer(poisoned, lr=0.1), state=state, **QUIET)  # fmt: skip
+        flat = torch.cat([p.detach().flatten() for p in poisoned.parameters()])
+        everyone = [torch.empty_like(flat) for _ in range(world_size)]
+        dist.all_gather(everyone, flat)
+        if rank == 0:
+            torch.save({"in_sync": in_sync, "skipped": state.skipped_steps,
+                        "nan_in_sync": all(torch.equal(everyone[0], f) for f in everyone)},
+                       os.path.join(folder, "detector.pt"))  # fmt: skip
+    finally:
+        cleanup_distributed()
+
+
+def test_ddp_gives_the_same_update_as_one_process(tmp_path):
+    folder = str(tmp_path)
+    context = mp.start_processes(_ddp_worker, args=(2, _free_port(), folder), nprocs=2,
+                                 join=False, start_method="spawn")  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the two DDP processes did not finish within 240 s")
+
+    # One process, batch 2 = the two ranks' samples together: samples (0, 1), then (2, 3).
+    torch.manual_seed(0)
+    single = ToyDetector()
+    fit(single, make_loader(toy_data(4), batch_size=2, shuffle=False), 1, lr=0.1, warmup_steps=0,
+        **QUIET)  # fmt: skip
+    ddp = torch.load(os.path.join(folder, "ddp_weights.pt"))
+    assert_same_weights(weights(single), ddp)
+    assert not torch.equal(ddp["fc.weight"], weights(ToyDetector())["fc.weight"])
+    checkpoint = torch.load(os.path.join(folder, "ddp.pt"), weights_only=True)
+    assert len(checkpoint["rng"]) == 2 and checkpoint["step"] == 2  # both ranks' random state
+    outcome = torch.load(os.path.join(folder, "detector.pt"))
+    assert outcome["in_sync"], "the detector's weights differ between the ranks after DDP steps"
+    assert outcome["skipped"] == 1 and outcome["nan_in_sync"], "ranks disagreed on a NaN step"
+
+
+# ── it learns ────────────────────────────────────────────────────────────────────────────────
