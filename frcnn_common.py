@@ -31,17 +31,23 @@ import io
 import json
 import math
 import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain-text bars: they also show in notebooks saved and read on the web
 
 Tensor = torch.Tensor
 
@@ -1450,6 +1456,7 @@ class ResNet50(nn.Module):
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the classifier
             self.load_state_dict(state)
         trained = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+        trained += ["bn1"] if trainable_layers == 5 else []  # the stem's norm trains with it
         for name, param in self.named_parameters():
             param.requires_grad_(any(name.startswith(layer) for layer in trained))
 
@@ -2249,11 +2256,838 @@ def torchvision_twin(model: FasterRCNN, map_coco_classes: bool = False) -> nn.Mo
     return twin.train(model.training)
 
 
-# TEMP (merged before the first commit)
-try:
-    from wip_train import *  # noqa: F401,F403
-except ModuleNotFoundError:
-    pass
+# ─── 8. Training ───────────────────────────────────────────────────────────────────────────────
+#
+# One epoch, the fit loop around it, checkpoints and data-parallel training. Everything here works
+# with any model that follows the detector's training interface: ``model(images, targets)`` returns
+# a dict of scalar losses with a ``"total"`` entry. Gradient checkpointing and frozen stages are
+# the model's own switches (``set_gradient_checkpointing``, ``trainable_layers``); the helpers only
+# train the parameters that have ``requires_grad``.
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser and learning-rate schedule
+
+
+def make_optimizer(
+    model: nn.Module, lr: float = 0.02, momentum: float = 0.9, weight_decay: float = 1e-4
+) -> torch.optim.SGD:
+    """SGD with momentum and weight decay over the parameters that have ``requires_grad``.
+
+    Frozen stages (``trainable_layers`` of the backbone) are left out, so they cost no optimiser
+    memory and weight decay never shrinks them. ``lr=0.02`` is the reference value for a total batch
+    of 16 images; scale it linearly with your batch (``lr = 0.02 * batch / 16``).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(
+            "make_optimizer: the model has no trainable parameters (every requires_grad is False). "
+            "Unfreeze some stages, e.g. build the detector with trainable_layers=3."
+        )
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: Optional[int] = None,
+    schedule: str = "cosine",
+    *,
+    warmup_factor: float = 0.001,
+    milestones: Optional[List[int]] = None,
+    gamma: float = 0.1,
+    min_factor: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine or step decay, stepped once per training step.
+
+    Warm-up: the learning rate starts at ``warmup_factor * lr`` and grows linearly to ``lr`` over
+    ``warmup_steps`` steps. A freshly initialised detector gives large, noisy gradients (the RPN and
+    the box head start from random guesses), and a full learning rate at step 0 can throw the
+    weights far enough to produce NaN losses; a few hundred gentle steps avoid that.
+
+    After warm-up:
+      * ``"cosine"``: lr follows half a cosine from ``lr`` down to ``min_factor * lr`` at
+        ``total_steps``;
+      * ``"step"``: lr is multiplied by ``gamma`` at each step in ``milestones`` (default: at 2/3
+        and 8/9 of training, the shape of torchvision's detection recipe).
+
+    Args:
+        total_steps: the number of optimiser steps of the whole run (epochs x steps per epoch).
+        warmup_steps: default ``min(1000, total_steps // 10)``.
+
+    Returns:
+        A ``LambdaLR``: its ``state_dict`` holds the step count, so a checkpoint resumes the curve.
+        The shape itself is not stored: rebuild it with the same arguments when you resume.
+    """
+    if total_steps < 1:
+        raise ValueError(f"make_scheduler: total_steps must be at least 1, got {total_steps}.")
+    if schedule not in ("cosine", "step"):
+        raise ValueError(f"make_scheduler: schedule must be 'cosine' or 'step', got {schedule!r}.")
+    if warmup_steps is None:
+        warmup_steps = min(1000, total_steps // 10)
+    if milestones is None:
+        milestones = [int(total_steps * 2 / 3), int(total_steps * 8 / 9)]
+
+    def factor(step: int) -> float:
+        warm = 1.0
+        if step < warmup_steps:
+            warm = warmup_factor + (1.0 - warmup_factor) * step / warmup_steps
+        if schedule == "step":
+            return warm * gamma ** sum(step >= m for m in milestones)
+        if step < warmup_steps:
+            return warm
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training state, random-number state, small helpers
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when too many training steps in a row had a NaN or infinite loss or gradient."""
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; saved in every checkpoint so a resumed run continues exactly.
+
+    Attributes:
+        epoch: completed epochs.
+        step: training steps taken (skipped ones included: the schedule counts them too).
+        batch_in_epoch: batches of the current epoch already used (non-zero only mid-epoch).
+        skipped_steps: steps whose update was skipped because a loss or gradient was not finite.
+        bad_in_row: how many of the latest steps were skipped in a row.
+        history: per-step records, ``{"step": [...], "epoch": [...], "lr": [...], "total": [...],
+            <each loss>: [...], "grad_norm": [...], "skipped": [...]}``.
+    """
+
+    epoch: int = 0
+    step: int = 0
+    batch_in_epoch: int = 0
+    skipped_steps: int = 0
+    bad_in_row: int = 0
+    history: Dict[str, List[float]] = field(default_factory=dict)
+    epoch_rng: Optional[dict] = None  # random state at the start of the current epoch
+    resume_rng: Optional[dict] = None  # random state to restore when a loaded run continues
+
+
+def get_rng_state() -> dict:
+    """The state of every random generator a training step may use: torch (CPU and CUDA),
+    Python's ``random`` and NumPy's global generator. Plain tensors, lists and numbers only, so
+    a checkpoint holding it loads with ``torch.load(weights_only=True)``."""
+    np_state = np.random.get_state(legacy=True)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`get_rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside a ``DistributedDataParallel`` wrapper (or the model itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _amp_dtype(device: torch.device, amp: bool) -> Optional[torch.dtype]:
+    """float16 on CUDA (with a gradient scaler), bfloat16 on CPU, None when AMP is off."""
+    if not amp:
+        return None
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def _to_device(images, targets, device: torch.device):
+    non_blocking = device.type == "cuda"
+    if isinstance(images, torch.Tensor):
+        images = images.to(device, non_blocking=non_blocking)
+    else:
+        images = [img.to(device, non_blocking=non_blocking) for img in images]
+    targets = [
+        {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+         for k, v in t.items()}
+        for t in targets
+    ]
+    return images, targets
+
+
+def _record(history: Dict[str, List[float]], record: Dict[str, float]) -> None:
+    for key, value in record.items():
+        history.setdefault(key, []).append(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# One epoch
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    scheduler=None,
+    *,
+    device=DEVICE,
+    amp: bool = True,
+    scaler: Optional[torch.amp.GradScaler] = None,
+    max_grad_norm: Optional[float] = None,
+    max_bad_steps: int = 20,
+    max_steps: Optional[int] = None,
+    progress: bool = True,
+    state: Optional[TrainState] = None,
+    on_step=None,
+) -> Dict[str, List[float]]:
+    """Train for one pass over ``loader`` (or ``max_steps`` batches) and return the loss history.
+
+    Each step: forward under autocast, backward, measure the gradient norm (clipping it to
+    ``max_grad_norm`` when given), then update the weights, unless a loss or the gradient is not
+    finite, and advance the schedule.
+
+    Args:
+        model: a detector in the course's interface (or its ``DistributedDataParallel`` wrapper),
+            already on ``device``. Its ``gradient_checkpointing`` switch and frozen stages apply.
+        loader: yields ``(images, targets)`` as ``frcnn_collate_fn`` builds them.
+        optimizer, scheduler: e.g. from :func:`make_optimizer` and :func:`make_scheduler`; the
+            scheduler is stepped once per training step.
+        amp: mixed precision. On CUDA, float16 autocast with a ``GradScaler`` (pass ``scaler`` to
+            keep its scale across epochs; one is made if missing); on CPU, bfloat16 autocast.
+        max_grad_norm: clip the gradient's global L2 norm to this value (None: no clipping).
+        max_bad_steps: stop with :class:`NonFiniteLossError` after this many skipped steps in a row.
+        max_steps: end the epoch after this many batches (fast mode, or streams without a length).
+        progress: show a tqdm bar with the running losses (only on rank 0 under DDP).
+        state: a :class:`TrainState` to continue and update (the fit loop passes one); the
+            epoch restarts at ``state.batch_in_epoch`` when a checkpoint was loaded mid-epoch.
+        on_step: called as ``on_step(state)`` after every step (the fit loop saves checkpoints).
+
+    Returns:
+        This epoch's history, ``{"step": [...], "lr": [...], "total": [...], ...}``: one value per
+        step for every loss the model returned, plus the gradient norm and a ``skipped`` flag.
+
+    Why skip non-finite steps: one NaN (a degenerate box, an overflow, a too-high learning rate)
+    would propagate through the update into every weight and silently ruin the rest of a long run.
+    The check costs one device sync per step: the losses and the gradient norm are read together,
+    once, which the progress bar needs anyway. Backward always runs first, so under DDP every rank
+    joins the gradient all-reduce; the losses are then averaged over the ranks, so all ranks see
+    the same numbers and skip the same steps. With float16 on CUDA, an overflow of the scaled
+    gradients is how the ``GradScaler`` learns to lower its scale: such steps are skipped and
+    counted the same way (a few at the start of a run are normal).
+    """
+    state = state if state is not None else TrainState()
+    device = torch.device(device)
+    amp_dtype = _amp_dtype(device, amp)
+    if amp_dtype == torch.float16 and scaler is None:
+        scaler = torch.amp.GradScaler("cuda")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    model.train()
+
+    # Reproducible data order: the loader's shuffling and its workers' seeds are drawn from the
+    # global generator when the epoch starts, so a run resumed mid-epoch restores that state,
+    # replays the epoch's first batches without training on them, then restores the state saved
+    # at the checkpoint.
+    if state.batch_in_epoch == 0:
+        if state.resume_rng is not None:
+            set_rng_state(state.resume_rng)
+            state.resume_rng = None
+        state.epoch_rng = get_rng_state()
+    elif state.epoch_rng is not None:
+        set_rng_state(state.epoch_rng)
+    batches = iter(loader)
+    for _ in range(state.batch_in_epoch):
+        next(batches)
+    if state.resume_rng is not None:
+        set_rng_state(state.resume_rng)
+        state.resume_rng = None
+
+    try:
+        length = len(loader)
+    except TypeError:
+        length = None
+    if max_steps is not None:
+        length = max_steps if length is None else min(length, max_steps)
+    bar = tqdm(
+        total=length,
+        initial=state.batch_in_epoch,
+        desc=f"epoch {state.epoch}",
+        disable=not (progress and _is_main_process()),
+        dynamic_ncols=True,
+    )
+    history: Dict[str, List[float]] = {}
+    running: Dict[str, float] = {}
+    while max_steps is None or state.batch_in_epoch < max_steps:
+        try:
+            images, targets = next(batches)
+        except StopIteration:
+            break
+        images, targets = _to_device(images, targets, device)
+        lr = optimizer.param_groups[0]["lr"]
+
+        autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                  enabled=amp_dtype is not None)
+        with autocast:
+            losses = model(images, targets)
+        if scaler is not None:
+            scaler.scale(losses["total"]).backward()
+            scaler.unscale_(optimizer)
+        else:
+            losses["total"].backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        if max_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+        names = list(losses)
+        values = torch.stack([losses[k].detach().float() for k in names] + [grad_norm.float()])
+        if distributed:  # average over ranks: logs show the global loss, and all ranks agree
+            dist.all_reduce(values)  # on skipping (a NaN anywhere is a NaN everywhere)
+            values = values / dist.get_world_size()
+        values = values.tolist()  # the one device sync of the step
+        record = dict(zip(names, values[:-1]))
+        finite = all(math.isfinite(v) for v in values)
+
+        if finite and scaler is not None:
+            scaler.step(optimizer)
+        elif finite:
+            optimizer.step()
+        if scaler is not None:
+            scaler.update()  # lowers the loss scale after an overflow
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+
+        state.step += 1
+        state.batch_in_epoch += 1
+        if finite:
+            state.bad_in_row = 0
+        else:
+            state.skipped_steps += 1
+            state.bad_in_row += 1
+            if _is_main_process():
+                shown = ", ".join(f"{k}={v:.4g}" for k, v in record.items())
+                tqdm.write(
+                    f"step {state.step}: non-finite loss or gradient ({shown}, "
+                    f"grad_norm={values[-1]:.4g}); update skipped "
+                    f"({state.bad_in_row} in a row, {state.skipped_steps} in this run)",
+                    file=sys.stderr,
+                )
+        record = {"step": state.step, "epoch": state.epoch, "lr": lr, **record,
+                  "grad_norm": values[-1], "skipped": float(not finite)}
+        _record(history, record)
+        _record(state.history, record)
+
+        if finite:
+            for key in names:
+                old = running.get(key, record[key])
+                running[key] = 0.9 * old + 0.1 * record[key]
+        postfix = {k: f"{v:.3f}" for k, v in running.items()}
+        postfix["lr"] = f"{lr:.2g}"
+        if state.skipped_steps:
+            postfix["skipped"] = state.skipped_steps
+        bar.set_postfix(postfix, refresh=False)
+        bar.update(1)
+
+        if state.bad_in_row >= max_bad_steps:
+            bar.close()
+            raise NonFiniteLossError(
+                f"{state.bad_in_row} training steps in a row had a non-finite loss or gradient "
+                f"(last: {', '.join(f'{k}={v:.4g}' for k, v in record.items())}). Their updates "
+                f"were skipped, so the weights are those of step {state.step - state.bad_in_row}. "
+                "Fix: lower the learning rate or lengthen the warm-up, clip gradients "
+                "(max_grad_norm=10.0), try amp=False, and check the data for boxes with zero or "
+                "negative width or height."
+            )
+        if on_step is not None:
+            on_step(state)
+    bar.close()
+    return history
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+CHECKPOINT_FORMAT = "frcnn_common/train-checkpoint-v1"
+
+
+def _gather_rng(rng: Optional[dict]) -> List[Optional[dict]]:
+    """Every rank's random state (a list by rank): each rank draws its own random numbers."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: List[Optional[dict]] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, rng)
+        return gathered
+    return [rng]
+
+
+def save_checkpoint(
+    path: str,
+    model: nn.Module,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler=None,
+    scaler: Optional[torch.amp.GradScaler] = None,
+    state: Optional[TrainState] = None,
+    **extra,
+) -> None:
+    """Write everything a run needs to continue: the weights, the optimiser's momentum, the
+    scheduler's step, the AMP scaler, the epoch/step and every rank's random state.
+
+    The file is written atomically: to a temporary file beside ``path``, flushed to disk, then
+    renamed over ``path`` in one step. A crash or Ctrl-C while saving leaves the previous
+    checkpoint intact, never a half-written file. Under DDP every rank must call this (the random
+    states are gathered); rank 0 writes. ``extra`` keyword arguments are stored as they are (keep
+    them to tensors, numbers, strings, lists and dicts so the file loads with ``weights_only``).
+    """
+    state = state if state is not None else TrainState()
+    net = unwrap_model(model)
+    rng = _gather_rng(get_rng_state())
+    epoch_rng = _gather_rng(state.epoch_rng)
+    if not _is_main_process():
+        return
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "num_classes": getattr(net, "num_classes", None),
+        "model": net.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": state.epoch,
+        "step": state.step,
+        "batch_in_epoch": state.batch_in_epoch,
+        "skipped_steps": state.skipped_steps,
+        "bad_in_row": state.bad_in_row,
+        "history": state.history,
+        "rng": rng,
+        "epoch_rng": epoch_rng,
+        "extra": extra,
+    }
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _check_compatible(path: str, model: nn.Module, checkpoint: dict, weights: dict) -> None:
+    """Refuse weights that do not fit the model, naming what differs and how to fix it."""
+    model_classes = getattr(model, "num_classes", None)
+    ckpt_classes = checkpoint.get("num_classes")
+    if model_classes is not None and ckpt_classes is not None and model_classes != ckpt_classes:
+        raise ValueError(
+            f"Checkpoint {path} was trained with num_classes={ckpt_classes} (background "
+            f"included) but this model has num_classes={model_classes}. To continue that run, "
+            f"build the model with num_classes={ckpt_classes}. To fine-tune on your own classes, "
+            "load only the matching weights: model.load_state_dict({k: v for k, v in "
+            "checkpoint['model'].items() if 'predictor' not in k}, strict=False)."
+        )
+    own = model.state_dict()
+    wrong = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in weights.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if wrong:
+        raise ValueError(
+            f"Checkpoint {path} does not fit this model; {len(wrong)} tensors differ in shape, "
+            f"e.g. {'; '.join(wrong[:3])}. Build the model with the settings the checkpoint was "
+            "trained with (num_classes, hidden_dim, feat_channels, anchors, ...)."
+        )
+
+
+def load_checkpoint(
+    path: str,
+    model: nn.Module,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler=None,
+    scaler: Optional[torch.amp.GradScaler] = None,
+    *,
+    map_location="cpu",
+) -> TrainState:
+    """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and the optimiser,
+    scheduler and scaler when given) and return the :class:`TrainState` to continue from.
+
+    Pass the returned state to :func:`train_one_epoch` (``fit`` does this for you) and the run
+    continues where it stopped, down to the data order and the random numbers. A plain
+    ``state_dict`` file (no training state) loads too; the returned state is then a fresh one.
+
+    Raises:
+        ValueError: the checkpoint was made for a different ``num_classes`` or architecture.
+        FileNotFoundError: no file at ``path``.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"No checkpoint at {path}. Check the path, or start a fresh run (fit(..., resume=True) "
+            "starts from scratch when the file does not exist yet)."
+        )
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    net = unwrap_model(model)
+    if not (isinstance(checkpoint, dict) and checkpoint.get("format") == CHECKPOINT_FORMAT):
+        weights = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+        if not isinstance(weights, dict):
+            raise ValueError(
+                f"{path} is neither a training checkpoint nor a state_dict. Save with "
+                "save_checkpoint(...) or torch.save(model.state_dict(), path)."
+            )
+        _check_compatible(path, net, {}, weights)
+        net.load_state_dict(weights)
+        return TrainState()
+
+    _check_compatible(path, net, checkpoint, checkpoint["model"])
+    net.load_state_dict(checkpoint["model"])
+    if optimizer is not None and checkpoint["optimizer"] is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    if scheduler is not None and checkpoint["scheduler"] is not None:
+        scheduler.load_state_dict(checkpoint["scheduler"])
+    if scaler is not None and checkpoint["scaler"] is not None:
+        scaler.load_state_dict(checkpoint["scaler"])
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rng, epoch_rng = checkpoint["rng"], checkpoint["epoch_rng"]
+    return TrainState(
+        epoch=checkpoint["epoch"],
+        step=checkpoint["step"],
+        batch_in_epoch=checkpoint["batch_in_epoch"],
+        skipped_steps=checkpoint["skipped_steps"],
+        bad_in_row=checkpoint["bad_in_row"],
+        history={k: list(v) for k, v in checkpoint["history"].items()},
+        epoch_rng=epoch_rng[rank % len(epoch_rng)],
+        resume_rng=rng[rank % len(rng)],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The fit loop
+
+
+def fit(
+    model: nn.Module,
+    train_loader,
+    epochs: int,
+    *,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler=None,
+    lr: float = 0.02,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    warmup_steps: Optional[int] = None,
+    schedule: str = "cosine",
+    steps_per_epoch: Optional[int] = None,
+    device=DEVICE,
+    amp: bool = True,
+    max_grad_norm: Optional[float] = None,
+    max_bad_steps: int = 20,
+    gradient_checkpointing: Optional[bool] = None,
+    checkpoint_path: Optional[str] = None,
+    checkpoint_every: Optional[int] = None,
+    resume: bool = True,
+    progress: bool = True,
+    on_epoch_end=None,
+) -> Dict[str, List[float]]:
+    """Train for ``epochs`` epochs with checkpoints, and return the loss history of the whole run.
+
+    Builds what is not given: SGD (:func:`make_optimizer` with ``lr``, ``momentum``,
+    ``weight_decay``), the warm-up + ``schedule`` (:func:`make_scheduler` over
+    ``epochs * steps_per_epoch`` steps) and, on CUDA with ``amp``, a ``GradScaler``.
+
+    With ``checkpoint_path``, a checkpoint is written at the end of every epoch and every
+    ``checkpoint_every`` steps. With ``resume=True`` and an existing file, training continues from
+    it: an interrupted run (Ctrl-C, a lost machine) picks up at the last checkpoint and produces
+    the same weights and loss curve as a run that was never interrupted. The returned history then
+    covers the whole run, the steps before the interruption included.
+
+    Args:
+        model: the detector (or its DDP wrapper from :func:`wrap_distributed`), moved to ``device``.
+        steps_per_epoch: batches per epoch; default ``len(train_loader)``. Required for streams
+            without a length, and a way to make short epochs (fast mode).
+        gradient_checkpointing: when not None, switched on or off on the model before training.
+        on_epoch_end: called as ``on_epoch_end(epoch, state)`` after each epoch's checkpoint,
+            e.g. to evaluate.
+        The other arguments are those of :func:`train_one_epoch`.
+    """
+    device = torch.device(device)
+    net = unwrap_model(model)
+    model.to(device)
+    if gradient_checkpointing is not None:
+        net.set_gradient_checkpointing(gradient_checkpointing)
+    if steps_per_epoch is None:
+        try:
+            steps_per_epoch = len(train_loader)
+        except TypeError:
+            raise ValueError(
+                "fit: the loader has no length (a streaming dataset); pass steps_per_epoch=N "
+                "to say how many batches make one epoch."
+            ) from None
+    if optimizer is None:
+        optimizer = make_optimizer(model, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if scheduler is None:
+        scheduler = make_scheduler(optimizer, epochs * steps_per_epoch, warmup_steps, schedule)
+    scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
+
+    state = TrainState()
+    if checkpoint_path is not None and resume and os.path.exists(checkpoint_path):
+        state = load_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler)
+        if progress and _is_main_process():
+            print(
+                f"Resuming from {checkpoint_path}: epoch {state.epoch}, step {state.step} "
+                f"(batch {state.batch_in_epoch} of the epoch).",
+                file=sys.stderr,
+            )
+
+    def save(current: TrainState) -> None:
+        if checkpoint_path is not None:
+            save_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, current)
+
+    def on_step(current: TrainState) -> None:
+        if checkpoint_every and current.step % checkpoint_every == 0:
+            save(current)
+
+    while state.epoch < epochs:
+        for source in (getattr(train_loader, "sampler", None), getattr(train_loader, "dataset", None)):
+            if hasattr(source, "set_epoch"):
+                source.set_epoch(state.epoch)  # a new shuffle per epoch (DistributedSampler)
+        train_one_epoch(
+            model, train_loader, optimizer, scheduler,
+            device=device, amp=amp, scaler=scaler, max_grad_norm=max_grad_norm,
+            max_bad_steps=max_bad_steps, max_steps=steps_per_epoch, progress=progress,
+            state=state, on_step=on_step,
+        )
+        state.epoch += 1
+        state.batch_in_epoch = 0
+        save(state)
+        if on_epoch_end is not None:
+            on_epoch_end(state.epoch - 1, state)
+    return state.history
+
+
+# ---------------------------------------------------------------------------------------------
+# Data-parallel training (torchrun)
+
+
+@dataclass
+class DistInfo:
+    """This process's place in a data-parallel run: ``rank`` of ``world_size``, and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = DEVICE
+
+
+def setup_distributed(backend: Optional[str] = None) -> DistInfo:
+    """Join the process group that ``torchrun`` describes in the environment.
+
+    ``torchrun --nproc_per_node=N script.py`` starts N copies of the script and sets ``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` in each. This reads them,
+    picks the process's GPU (``cuda:LOCAL_RANK``) or the CPU, and initialises the group (NCCL on
+    GPUs, gloo on CPU). Run without torchrun it returns rank 0 of 1 and changes nothing, so the
+    same script trains on one device too.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistInfo()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def wrap_distributed(model: nn.Module, device=None, **ddp_kwargs) -> nn.Module:
+    """Wrap a model (already on its device) in ``DistributedDataParallel`` when a process group
+    with more than one process is running; otherwise return it unchanged.
+
+    DDP gives every rank the same initial weights (broadcast from rank 0) and averages the
+    gradients across ranks during backward, so one step on N ranks with B images each is one
+    step on the N * B images.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return model
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs)
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group (call at the end of a torchrun script)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def make_loader(
+    dataset,
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    num_workers: int = 0,
+    drop_last: bool = False,
+    seed: int = 0,
+    collate_fn=None,
+    **loader_kwargs,
+) -> torch.utils.data.DataLoader:
+    """A training ``DataLoader`` that shards the data by rank under DDP.
+
+    A map-style dataset gets a ``DistributedSampler`` when a process group is running: rank r of
+    N reads every N-th sample of the (seeded, per-epoch) shuffled order, so the ranks see disjoint
+    data. An iterable dataset (a stream) is passed through: it must shard itself by rank and
+    worker (``COCOStreamDataset`` does). ``batch_size`` is per rank.
+    """
+    collate_fn = collate_fn or frcnn_collate_fn
+    sampler = None
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed and not isinstance(dataset, torch.utils.data.IterableDataset):
+        sampler = torch.utils.data.DistributedSampler(
+            dataset, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
+        shuffle = False
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        shuffle = False
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
+        num_workers=num_workers, drop_last=drop_last, collate_fn=collate_fn, **loader_kwargs,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# A small detector that learns the synthetic shapes in minutes on a CPU
+
+
+class TinyBackbone(nn.Module):
+    """Three stages of two 3x3 conv-BN-ReLU layers, stride 8, ``out_channels`` features: enough
+    to find and tell apart coloured shapes, small enough to train from scratch on a laptop CPU.
+
+    ``gradient_checkpointing``: recompute each stage in backward instead of storing its
+    activations (the switch ``FasterRCNN.set_gradient_checkpointing`` turns). The recomputation
+    updates BatchNorm's running statistics a second time with the same batch; harmless.
+    """
+
+    def __init__(self, out_channels: int = 64, width: int = 32):
+        super().__init__()
+
+        def stage(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            )
+
+        self.stages = nn.ModuleList(
+            [stage(3, width), stage(width, 2 * width), stage(2 * width, out_channels)]
+        )
+        self.out_channels = out_channels
+        self.gradient_checkpointing = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        for stage in self.stages:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)
+        return x
+
+
+def tiny_detector(num_classes: int, **overrides) -> nn.Module:
+    """The small detector of the synthetic-shapes experiments (tests, benchmark, notebooks).
+
+    A :class:`TinyBackbone` (stride 8, 64 channels) under the generic ``FasterRCNN`` with one
+    feature map (``use_fpn=False``), anchors of 16, 32 and 64 px for shapes of 15 to 64 px in a
+    128 px image, a 256-wide box head, and fewer proposals and sampled ROIs than the COCO
+    defaults (a few objects per image need no more; the ROI head's RoIAlign is the costliest part
+    of a step on a CPU). ``overrides`` replace any ``FasterRCNN`` argument.
+    """
+    settings = dict(
+        feat_channels=64,
+        use_fpn=False,
+        anchor_sizes=(16, 32, 64),
+        aspect_ratios=(0.5, 1.0, 2.0),
+        anchor_stride=8,
+        pool_size=(7, 7),
+        hidden_dim=256,
+        rpn_kwargs=dict(pre_nms_top_n=(600, 300), post_nms_top_n=(300, 100)),
+        roi_kwargs=dict(batch_size_per_image=64),
+    )
+    settings.update(overrides)
+    backbone = TinyBackbone(out_channels=settings["feat_channels"])
+    return FasterRCNN(num_classes, backbone, **settings)
+
+
+SHAPES_RECIPE = dict(
+    steps=900,  # training steps (batches), every image a new one
+    batch_size=8,
+    image_size=128,
+    lr=0.12,
+    warmup_steps=90,
+    schedule="cosine",
+    max_grad_norm=10.0,
+    eval_images=200,
+)
+"""The synthetic-shapes experiment of :func:`shapes_experiment`: small enough to train from
+scratch in minutes on a laptop CPU, and the one place its settings live (the tests, the
+benchmark and the notebooks all run it from here)."""
+
+
+def shapes_experiment(steps: Optional[int] = None, *, seed: int = 0, device=DEVICE,
+                      progress: bool = True, **recipe) -> dict:
+    """Train :func:`tiny_detector` from scratch on :class:`SyntheticShapesDataset` and score it.
+
+    Every training image is new (``steps * batch_size`` images rendered from ``seed``, randomly
+    flipped); the score is COCO mAP from :func:`evaluate` on ``eval_images`` held-out images
+    (seed ``seed + 1``). Seeded throughout, so a run gives the same numbers every time on the same
+    machine and library versions. Float32 (``amp=False``): bfloat16 autocast is about 20% faster
+    on a CPU with native bfloat16 (AVX512-BF16, AMX) but much slower on the many without it.
+
+    Args:
+        steps: training steps; default ``SHAPES_RECIPE["steps"]``.
+        recipe: overrides of ``SHAPES_RECIPE`` (``batch_size``, ``image_size``, ``lr``, ...).
+
+    Returns:
+        ``{"model", "history", "metrics", "train_seconds", "train_cpu_seconds"}``: ``metrics``
+        is :func:`evaluate`'s dict (``metrics["AP50"]`` is the mAP at IoU 0.5); the training
+        time by the wall clock and in CPU time of this process (all its threads together).
+
+    The default recipe reaches AP50 0.945 (AP 0.825) in 900 steps, about 220 s of one CPU core.
+    """
+
+    config = {**SHAPES_RECIPE, **recipe}
+    steps = config["steps"] if steps is None else steps
+    torch.manual_seed(seed)
+    train = SyntheticShapesDataset(steps * config["batch_size"], config["image_size"], seed=seed,
+                                   train=True)
+    held_out = SyntheticShapesDataset(config["eval_images"], config["image_size"], seed=seed + 1)
+    model = tiny_detector(train.num_classes)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    history = fit(model, make_loader(train, config["batch_size"]), 1, lr=config["lr"],
+                  warmup_steps=config["warmup_steps"], schedule=config["schedule"],
+                  max_grad_norm=config["max_grad_norm"],
+                  device=device, amp=False, progress=progress)
+    train_seconds = time.perf_counter() - start
+    train_cpu_seconds = time.process_time() - start_cpu
+    metrics = evaluate(model, make_loader(held_out, 20, shuffle=False), progress=progress)
+    return {"model": model, "history": history, "metrics": metrics,
+            "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds}
 
 
 # ─── 9. Evaluation ─────────────────────────────────────────────────────────────────────────────
@@ -2407,7 +3241,8 @@ def draw_boxes(image: Tensor, boxes: Tensor, labels: Optional[Tensor] = None,
     Args:
         image: normalised [3, H, W] (as the datasets return it) or displayable [H, W, 3].
         boxes: [N, 4] x1, y1, x2, y2 in the image's pixels.
-        labels: [N] class indices into ``class_names``; colours follow the class.
+        labels: [N] class indices into ``class_names``; colours follow the class. Without
+            labels and scores the boxes are drawn as plain outlines.
         scores: [N] confidences, written after the name; boxes under ``score_threshold`` are
             not drawn.
         class_names: names by label (``COCO_NAMES``, ``SHAPE_NAMES``, ...).
@@ -2430,14 +3265,15 @@ def draw_boxes(image: Tensor, boxes: Tensor, labels: Optional[Tensor] = None,
     colours = plt.get_cmap("tab10")
     for i in torch.nonzero(keep).flatten().tolist():
         x1, y1, x2, y2 = boxes[i].tolist()
-        label = int(labels[i]) if labels is not None else 0
-        colour = colours(label % 10)
+        label = int(labels[i]) if labels is not None else None
+        colour = colours(label % 10) if label is not None else "yellow"
         ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=2, ec=colour))
-        text = class_names[label] if labels is not None and label < len(class_names) else str(label)
+        texts = [] if label is None else [class_names[label] if label < len(class_names) else str(label)]
         if scores is not None:
-            text += f" {float(scores[i]):.2f}"
-        ax.text(x1, y1, text, fontsize=8, color="white", va="bottom",
-                bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "edgecolor": "none"})
+            texts.append(f"{float(scores[i]):.2f}")
+        if texts:  # with neither labels nor scores, plain outlines
+            ax.text(x1, y1, " ".join(texts), fontsize=8, color="white", va="bottom",
+                    bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "edgecolor": "none"})
     ax.set_title(title if title is not None else f"{int(keep.sum())} boxes")
     ax.axis("off")
     return ax

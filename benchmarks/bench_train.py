@@ -5,22 +5,27 @@ Prints one ``name: value`` line per figure:
 
 * ``train_img_per_s_*_416``: images per second of a full training step (forward, backward, SGD
   update, driven by ``train_one_epoch``, float32, batch 2 at 416 x 416) for our ResNet-50 + FPN
-  and torchvision's ``FasterRCNN`` holding the same weights (frozen BatchNorm, layer2..layer4
-  trainable, no resize or normalisation in its transform). Medians of steps alternating between
-  the two models after a warm-up; ``..._ours_over_torchvision`` > 1 means ours is faster.
-* ``train_step_peak_rss_mb_ckpt_{off,on}``: peak resident memory (``getrusage`` ``ru_maxrss``) of
-  a fresh process that builds the model and runs one training step, with gradient checkpointing
-  off and on; ``train_step_rss_growth_mb_*`` is that peak minus the resident memory just before
-  the step (activations, gradients, optimiser state).
+  and torchvision's ``FasterRCNN`` holding the same weights (``torchvision_twin``: frozen
+  BatchNorm, layer2..layer4 trainable, no resize or normalisation in its transform). Medians of
+  steps alternating between the two models after a warm-up; ``..._ours_over_torchvision`` > 1
+  means ours is faster.
+* ``train_step_peak_rss_mb_ckpt_{off,on}``: peak resident memory (``VmHWM`` in /proc) of
+  a fresh process that builds our ResNet-50 + FPN and runs one training step (batch 2, 416 px),
+  with gradient checkpointing off and on; ``train_step_rss_growth_mb_*`` is that peak minus the
+  resident memory just before the step (activations, gradients, optimiser state). The children
+  run with ``MALLOC_MMAP_THRESHOLD_`` set so that freed memory leaves the process at once.
 * ``synthetic_map50`` / ``synthetic_train_seconds``: ``shapes_experiment()``, the small detector
   trained from scratch on the synthetic shapes and scored (COCO AP at IoU 0.5) on held-out images.
 * ``--r50-curve``: the ResNet-50 + FPN detector trained briefly on the synthetic shapes; prints its
   loss curve (mean total loss per block of steps).
+
+``--threads`` (default 1) sets torch's threads for everything: on a CPU shared with other jobs,
+two OpenMP threads on two cores made a training step up to 9x slower than one thread.
 """
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
@@ -44,39 +49,30 @@ def batch_of_shapes(num_images: int = 2, size: int = 416):
 class TorchvisionLosses(torch.nn.Module):
     """torchvision's detector behind our interface: its four losses renamed, plus ``total``."""
 
-    num_classes = 91
     names = {"loss_objectness": "rpn_cls", "loss_rpn_box_reg": "rpn_box",
              "loss_classifier": "roi_cls", "loss_box_reg": "roi_box"}
 
-    def __init__(self, detector):
+    def __init__(self, detector, num_classes):
         super().__init__()
-        self.detector = detector
+        self.detector, self.num_classes = detector, num_classes
 
     def forward(self, images, targets):
-        losses = self.detector(list(images), targets)
+        losses = self.detector(list(images), [dict(t) for t in targets])
         losses = {self.names[k]: v for k, v in losses.items()}
         losses["total"] = sum(losses.values())
         return losses
 
 
-def torchvision_resnet50_fpn():
-    """torchvision's ``fasterrcnn_resnet50_fpn`` without downloaded weights: frozen BatchNorm,
-    layer2..layer4 trainable, and a transform that neither resizes a 416 px image nor normalises."""
-    from torchvision.models import resnet50
-    from torchvision.models.detection import FasterRCNN
-    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
+def resnet50_fpn():
+    """Our ResNet-50 + FPN as it is fine-tuned from ImageNet weights (frozen BatchNorm, layer2..
+    layer4 trainable), randomly initialised: no download."""
     torch.manual_seed(0)
-    backbone = _resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 3)
-    return FasterRCNN(backbone, num_classes=91, min_size=416, max_size=416,
-                      image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0])
+    return fc.fasterrcnn_resnet50_fpn(frozen_bn=True, trainable_layers=3)
 
 
 def throughput(repeats: int) -> None:
-    theirs = torchvision_resnet50_fpn()
-    ours = fc.FasterRCNN.from_torchvision(theirs.state_dict(), map_coco_classes=False, norm_eps=1e-5)
-    theirs = TorchvisionLosses(theirs)
+    ours = resnet50_fpn()
+    theirs = TorchvisionLosses(fc.torchvision_twin(ours), ours.num_classes)
     images, targets = batch_of_shapes(2, 416)
 
     def step_fn(model):
@@ -94,32 +90,41 @@ def throughput(repeats: int) -> None:
 
 def rss_child(checkpointing: bool) -> None:
     """Runs in a fresh process: build the model, run one training step, print memory as JSON."""
-    torch.manual_seed(0)
-    try:
-        model = fc.fasterrcnn_resnet50_fpn(91, trainable_layers=3, frozen_bn=True)
-    except TypeError:  # a factory without the frozen_bn switch
-        model = fc.fasterrcnn_resnet50_fpn(91, trainable_layers=3)
+    model = resnet50_fpn()
     model.set_gradient_checkpointing(checkpointing)
     images, targets = batch_of_shapes(2, 416)
     optimizer = fc.make_optimizer(model, lr=1e-3)
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    before = memory_mb("VmRSS")
     fc.train_one_epoch(model, [(images, targets)], optimizer, device=CPU, amp=False, progress=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-    print(json.dumps({"peak_mb": peak, "before_mb": before}))
+    print(json.dumps({"peak_mb": memory_mb("VmHWM"), "before_mb": before}))
+
+
+def memory_mb(field: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, from /proc. Unlike
+    ``getrusage``'s ``ru_maxrss``, ``VmHWM`` starts afresh in a new program: a child started by a
+    large parent would otherwise report the parent's size as its own peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status (this benchmark needs Linux)")
 
 
 def peak_memory() -> None:
+    # Large blocks straight from mmap, returned to the system when freed: the resident size then
+    # follows the live tensors. With glibc's default (a threshold that grows to 32 MB), freed
+    # activations stay in the heap and the peak varied by +-300 MB from run to run.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     growth = {}
-    for flag, tag in ((False, "off"), (True, "on")):
+    for tag in ("off", "on"):
         out = subprocess.run(
-            [sys.executable, __file__, "--rss-child", tag], check=True, capture_output=True,
-            text=True, cwd=ROOT,
+            [sys.executable, __file__, "--rss-child", tag, "--threads", str(torch.get_num_threads())],
+            check=True, capture_output=True, text=True, cwd=ROOT, env=env,
         ).stdout
         figures = json.loads(out.strip().splitlines()[-1])
         growth[tag] = figures["peak_mb"] - figures["before_mb"]
-        report(f"train_step_peak_rss_mb_ckpt_{tag}", figures["peak_mb"])
-        report(f"train_step_rss_growth_mb_ckpt_{tag}", growth[tag])
+        report(f"train_step_peak_rss_mb_ckpt_{tag}", round(figures["peak_mb"]))
+        report(f"train_step_rss_growth_mb_ckpt_{tag}", round(growth[tag]))
     report("train_step_rss_growth_ckpt_on_over_off", growth["on"] / growth["off"])
 
 
@@ -128,6 +133,7 @@ def synthetic_proof() -> None:
     report("synthetic_map50", result["metrics"]["AP50"])
     report("synthetic_map", result["metrics"]["AP"])
     report("synthetic_train_seconds", result["train_seconds"])
+    report("synthetic_train_cpu_seconds", result["train_cpu_seconds"])
 
 
 def r50_curve(steps: int, block: int) -> None:
@@ -152,11 +158,14 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "memory", "synthetic"])
     parser.add_argument("--r50-curve", type=int, default=0, metavar="STEPS",
                         help="also train ResNet-50 + FPN for STEPS steps and print its loss curve")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--rss-child", choices=["off", "on"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.rss_child:
         rss_child(args.rss_child == "on")
         return
+    report("train_bench_threads", torch.get_num_threads())
     if "throughput" not in args.skip:
         throughput(args.repeats)
     if "memory" not in args.skip:

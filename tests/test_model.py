@@ -25,7 +25,7 @@ def make_pair(seed=0, num_classes=fc.NUM_CLASSES, **kwargs):
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.normal_(1.0, 0.1)
                 m.bias.normal_(0, 0.1)
-        model.roi_heads.predictor.cls_score.weight.mul_(300)
+        model.roi_heads.predictor.cls_score.weight.mul_(20)  # confident, yet no two scores tie
     return model.eval(), fc.torchvision_twin(model).eval()
 
 
@@ -108,6 +108,21 @@ def test_proposals_roi_pooling_and_detections_equal_torchvision(pair, images):
     pooled_theirs = twin.roi_heads.box_roi_pool(features, their_props, sizes)
     pooled_ours = model.roi_heads.roi_align(levels, our_props, sizes)
     torch.testing.assert_close(pooled_ours, pooled_theirs, atol=1e-5, rtol=1e-5)
+    assert_same_detections(our_dets, their_dets)
+
+
+@torch.no_grad()
+def test_the_pure_ops_give_torchvisions_detections(pair, images):
+    model, twin = pair
+    _, their_props, their_dets = twin_stages(twin, images, [(256, 320)] * 2)
+    with fc.ops_backend("pure"):
+        our_dets, our_props = model(images)
+    for a, b in zip(our_props, their_props):
+        # the same boxes; only equal scores may come in another order (torchvision's CPU
+        # batched_nms re-sorts its per-level results with an unstable sort)
+        assert a.shape == b.shape
+        exact = "donot_use_mm_for_euclid_dist"
+        assert torch.cdist(a, b, compute_mode=exact).min(dim=1).values.max() < 1e-3
     assert_same_detections(our_dets, their_dets)
 
 
@@ -250,6 +265,12 @@ def test_trainable_layers_freeze_the_stages_below(trainable, first_trained):
     assert stages == set(order[len(order) - trainable:])
     if first_trained:
         assert first_trained in stages
+
+
+def test_a_trainable_stem_trains_its_batchnorm_too():
+    backbone = fc.ResNet50(trainable_layers=5, frozen_bn=False)  # from scratch: ordinary BatchNorm
+    assert backbone.bn1.weight.requires_grad and isinstance(backbone.bn1, torch.nn.BatchNorm2d)
+    assert not fc.ResNet50(trainable_layers=4, frozen_bn=False).bn1.weight.requires_grad
 
 
 def test_frozen_batchnorm_changes_nothing_in_training():

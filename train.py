@@ -1,0 +1,93 @@
+"""Train a detector from the command line, on one device or data-parallel under torchrun.
+
+    python train.py --epochs 2                                  # one process, synthetic shapes
+    torchrun --nproc_per_node=2 train.py --epochs 2             # two processes (GPUs, or CPU + gloo)
+    torchrun --nproc_per_node=8 train.py --data coco --model resnet50_fpn \\
+        --weights-backbone IMAGENET1K_V1 --steps-per-epoch 7000 --epochs 26 --batch-size 2
+
+``--batch-size`` is per process. Rerunning the same command after an interruption resumes from
+``--checkpoint``. All the logic lives in ``frcnn_common`` (``fit``, ``setup_distributed``,
+``wrap_distributed``, ``make_loader``); this file only turns arguments into calls.
+"""
+
+import argparse
+
+import torch
+
+from frcnn_common import (
+    HUB_COCO,
+    IMG_SIZE,
+    COCOStreamDataset,
+    SyntheticShapesDataset,
+    cleanup_distributed,
+    fasterrcnn_resnet50_fpn,
+    fit,
+    make_loader,
+    setup_distributed,
+    tiny_detector,
+    wrap_distributed,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", choices=["shapes", "coco"], default="shapes",
+                   help="synthetic shapes (offline) or the COCO 2017 train split")
+    p.add_argument("--coco-source", default=HUB_COCO,
+                   help="hub dataset name or local directory for --data coco")
+    p.add_argument("--num-images", type=int, default=2048, help="synthetic images per epoch")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="synthetic image side / COCO shorter side (default 128 / IMG_SIZE)")
+    p.add_argument("--model", choices=["tiny", "resnet50_fpn"], default="tiny")
+    p.add_argument("--weights-backbone", default=None, help="e.g. IMAGENET1K_V1 for resnet50_fpn")
+    p.add_argument("--trainable-layers", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--steps-per-epoch", type=int, default=None,
+                   help="batches per epoch (required for the COCO stream)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per process and step")
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--schedule", choices=["cosine", "step"], default="cosine")
+    p.add_argument("--max-grad-norm", type=float, default=None)
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--checkpoint", default="runs/train.pt")
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--no-resume", action="store_true", help="start over even if --checkpoint exists")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    info = setup_distributed()
+    torch.manual_seed(args.seed)
+    if args.data == "shapes":
+        dataset = SyntheticShapesDataset(args.num_images, args.image_size or 128, seed=args.seed,
+                                         train=True)
+    else:
+        dataset = COCOStreamDataset("train", source=args.coco_source,
+                                    min_size=args.image_size or IMG_SIZE, shuffle_buffer=1000,
+                                    seed=args.seed)
+    if args.model == "tiny":
+        model = tiny_detector(dataset.num_classes)
+    else:
+        model = fasterrcnn_resnet50_fpn(dataset.num_classes, weights_backbone=args.weights_backbone,
+                                        trainable_layers=args.trainable_layers)
+    model = wrap_distributed(model.to(info.device))
+    loader = make_loader(dataset, args.batch_size, num_workers=args.workers, seed=args.seed,
+                         drop_last=True)
+    try:
+        fit(model, loader, args.epochs, lr=args.lr, warmup_steps=args.warmup_steps,
+            schedule=args.schedule, steps_per_epoch=args.steps_per_epoch, device=info.device,
+            amp=args.amp, max_grad_norm=args.max_grad_norm,
+            gradient_checkpointing=args.gradient_checkpointing or None,
+            checkpoint_path=args.checkpoint, checkpoint_every=args.checkpoint_every,
+            resume=not args.no_resume)
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
