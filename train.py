@@ -40,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="synthetic image side / COCO shorter side (default 128 / IMG_SIZE)")
     p.add_argument("--model", choices=["tiny", "resnet50_fpn"], default="tiny")
     p.add_argument("--weights-backbone", default=None, help="e.g. IMAGENET1K_V1 for resnet50_fpn")
-    p.add_argument("--trainable-layers", type=int, default=3)
+    p.add_argument("--trainable-layers", type=int, default=None,
+                   help="backbone stages trained (default 3 with --weights-backbone, 5 without)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--steps-per-epoch", type=int, default=None,
                    help="batches per epoch (required for the COCO stream)")
