@@ -1387,7 +1387,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + shortcut)
+        out += shortcut  # in place: at 800 px one block's output is 56 MB, not worth a new one
+        return self.relu(out)
 
 
 class ResNet50(nn.Module):
@@ -1582,7 +1583,7 @@ class RPNHead(nn.Module):
     def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
         logits, deltas = [], []
         for x in features:
-            x = F.relu(self.conv(x))
+            x = F.relu(self.conv(x), inplace=True)
             logits.append(self.cls_logits(x))
             deltas.append(self.bbox_pred(x))
         return logits, deltas
