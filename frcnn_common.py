@@ -3205,8 +3205,7 @@ def evaluate(model: nn.Module, loader, *, verbose: bool = False, progress: bool 
                                                           disable=not progress)):
                 if max_batches is not None and step >= max_batches:
                     break
-                images = images.to(device) if isinstance(images, Tensor) \
-                    else [image.to(device) for image in images]
+                images, _ = _to_device(images, [], device)
                 results, _ = model(images, image_sizes=image_sizes_of(targets))
                 for result, target in zip(results, targets):
                     predictions.append({

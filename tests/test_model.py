@@ -389,23 +389,9 @@ def test_num_classes_must_count_the_background():
 # ─── the generic API ───────────────────────────────────────────────────────────────────────────
 
 
-class TinyBackbone(torch.nn.Module):
-    """Two stride-2 convolutions: one feature map at stride 4."""
-
-    out_channels = 32
-
-    def __init__(self):
-        super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.ReLU(),
-                                        torch.nn.Conv2d(16, 32, 3, 2, 1), torch.nn.ReLU())
-
-    def forward(self, x):
-        return self.body(x)
-
-
 def test_a_custom_single_map_backbone_trains_and_predicts():
     torch.manual_seed(0)
-    model = fc.FasterRCNN(4, TinyBackbone(), anchor_stride=4, anchor_sizes=(16, 32),
+    model = fc.FasterRCNN(4, fc.TinyBackbone(out_channels=32), anchor_stride=8, anchor_sizes=(16, 32),
                           hidden_dim=64, dropout=0.1)
     assert model.fpn is None
     losses = model.train()(torch.randn(2, 3, 64, 64), box_target([[4, 4, 40, 30]], [3]) * 2)
@@ -418,8 +404,8 @@ def test_a_custom_single_map_backbone_trains_and_predicts():
 
 
 def test_a_wrong_anchor_stride_is_named():
-    model = fc.FasterRCNN(4, TinyBackbone(), anchor_stride=16).eval()
-    with pytest.raises(ValueError, match="pass anchor_stride=4"):
+    model = fc.FasterRCNN(4, fc.TinyBackbone(), anchor_stride=16).eval()
+    with pytest.raises(ValueError, match="pass anchor_stride=8"):
         model(torch.randn(1, 3, 64, 64))
 
 
