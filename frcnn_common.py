@@ -1799,18 +1799,16 @@ class TwoMLPHead(nn.Module):
 class FastRCNNPredictor(nn.Module):
     """Class logits ``[K, num_classes]`` and one set of box deltas per class ``[K, 4 * num_classes]``.
 
-    Initialised as in Detectron: small normal weights (std 0.01 for the classifier, 0.001 for the
-    deltas) and zero biases, so that training starts from uniform scores and unmoved boxes.
+    Initialised as torchvision's: PyTorch's default ``nn.Linear`` initialisation (uniform in
+    +-1/sqrt(in_channels)). Detectron's small normal weights (std 0.01 / 0.001) were measured to
+    learn far slower in short runs on a custom backbone: held-out mAP@0.5 0.65 against 0.99
+    (``make bench``: ``custom_backbone_map50_*``).
     """
 
     def __init__(self, in_channels: int = 1024, num_classes: int = NUM_CLASSES):
         super().__init__()
         self.cls_score = nn.Linear(in_channels, num_classes)
         self.bbox_pred = nn.Linear(in_channels, num_classes * 4)
-        nn.init.normal_(self.cls_score.weight, std=0.01)
-        nn.init.normal_(self.bbox_pred.weight, std=0.001)
-        nn.init.zeros_(self.cls_score.bias)
-        nn.init.zeros_(self.bbox_pred.bias)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         return self.cls_score(x), self.bbox_pred(x)
