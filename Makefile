@@ -8,11 +8,12 @@ OUT    ?= out
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
-	$(PY) -c "import torch, torchvision, datasets, pycocotools, nbval, matplotlib, tqdm"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import torch, torchvision, datasets, pycocotools, nbval, matplotlib, tqdm, frcnn_common"
 	touch $@
 
 ## unit tests, then every notebook executed by nbval in fast mode (CPU, offline)
@@ -37,6 +38,7 @@ bench: setup
 	$(PY) benchmarks/bench_ops.py
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_research.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -34,6 +34,8 @@ import os
 import random
 import sys
 import time
+import warnings
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -134,8 +136,20 @@ def unreachable_reason(url: str, timeout: float = 5.0) -> Optional[str]:
 # ─── 2. Box utilities and ops ──────────────────────────────────────────────────────────────────
 
 
+def _upcast(t: Tensor) -> Tensor:
+    """Widen types that would overflow or round badly in products of coordinates, as torchvision:
+    float16/bfloat16 -> float32, int8/int16/uint8 -> int32; float32/64 and int32/64 stay."""
+    if t.is_floating_point():
+        return t if t.dtype in (torch.float32, torch.float64) else t.float()
+    return t if t.dtype in (torch.int32, torch.int64) else t.int()
+
+
 def box_area(boxes: Tensor) -> Tensor:
-    """Area of boxes ``[N, 4]`` (x1, y1, x2, y2) in square pixels, shape ``[N]``."""
+    """Area of boxes ``[N, 4]`` (x1, y1, x2, y2) in square pixels, shape ``[N]``.
+
+    Small types are widened first (see ``_upcast``): a 100 x 100 box in int8 has area 10000,
+    not the 16 that int8 arithmetic would wrap to."""
+    boxes = _upcast(boxes)
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
@@ -144,7 +158,10 @@ def box_iou(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
 
     IoU(a, b) = |a ∩ b| / (|a| + |b| - |a ∩ b|), computed exactly as ``torchvision.ops.box_iou``
     (no epsilon, so two zero-area boxes give NaN there too; the detector never compares such boxes).
+    Small types are widened first, as there: float16 boxes give a float32 IoU, integer boxes a
+    float one.
     """
+    boxes_a, boxes_b = _upcast(boxes_a), _upcast(boxes_b)
     area_a, area_b = box_area(boxes_a), box_area(boxes_b)
     top_left = torch.max(boxes_a[:, None, :2], boxes_b[None, :, :2])
     bottom_right = torch.min(boxes_a[:, None, 2:], boxes_b[None, :, 2:])
@@ -374,6 +391,20 @@ def _greedy_nms_sorted(boxes: Tensor, threshold: float, groups: Optional[Tensor]
     return keep > 0
 
 
+def _check_nms_inputs(boxes: Tensor, scores: Tensor, idxs: Optional[Tensor] = None) -> None:
+    """Refuse anything but boxes ``[N, 4]``, scores ``[N]`` (and idxs ``[N]``), naming the shapes."""
+    n = boxes.shape[0] if boxes.dim() == 2 else -1
+    shapes_ok = boxes.dim() == 2 and boxes.shape[1] == 4 and tuple(scores.shape) == (n,)
+    if idxs is not None:
+        shapes_ok = shapes_ok and tuple(idxs.shape) == (n,)
+    if not shapes_ok:
+        got = f"boxes {list(boxes.shape)}, scores {list(scores.shape)}"
+        got += f", idxs {list(idxs.shape)}" if idxs is not None else ""
+        expected = "boxes [N, 4], scores [N]" + (", idxs [N]" if idxs is not None else "")
+        raise ValueError(f"got {got}: expected {expected} (one score per box, boxes as "
+                         "x1, y1, x2, y2)")
+
+
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """Non-maximum suppression, exactly as ``torchvision.ops.nms``, in tensor operations.
 
@@ -392,6 +423,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
         int64 ``[K]``: indices of the kept boxes, by decreasing score. Computed in float32 (float64
         for float64 boxes), also under autocast.
     """
+    _check_nms_inputs(boxes, scores)
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     dtype = _compute_dtype(boxes)
@@ -415,6 +447,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     Returns:
         int64 ``[K]``: indices of the kept boxes, by decreasing score; equal scores in index order.
     """
+    _check_nms_inputs(boxes, scores, idxs)
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     dtype = _compute_dtype(boxes)
@@ -1265,43 +1298,36 @@ class SyntheticShapesDataset(Dataset):
 # Batching ──────────────────────────────────────────────────────────────────────────────────────
 
 
-def frcnn_collate_fn(batch, size_divisible: int = 32) -> Tuple[Tensor, List[Dict[str, Tensor]]]:
-    """``DataLoader`` collate: images into one tensor [B, 3, H, W], targets kept as a list.
+def frcnn_collate_fn(batch) -> Tuple[List[Tensor], List[Dict[str, Tensor]]]:
+    """``DataLoader`` collate: ``(images, targets)``, two lists with one entry per sample.
 
-    Images of one size are stacked as they are. Images of different sizes are padded at the
-    bottom and right with zeros (the ImageNet mean colour once normalised, as torchvision pads)
-    to the largest height and width rounded up to a multiple of ``size_divisible`` pixels; boxes
-    need no change, and each target's ``size`` still gives its image's own extent. Targets
-    cannot be stacked (each image has its own number of boxes), hence the list.
+    Images stay separate ``[3, H_i, W_i]`` tensors, as torchvision's detection references keep
+    them: the detector pads them into one batch itself (:meth:`FasterRCNN.batch_images`) and so
+    knows every image's own size, which it needs to clip proposals and check boxes per image.
+    No caller can forget the sizes, because no padded tensor without them ever exists. Targets
+    cannot be stacked either (each image has its own number of boxes).
     """
     images, targets = zip(*batch)
-    if all(image.shape == images[0].shape for image in images):
-        return torch.stack(images), list(targets)
-    height = math.ceil(max(image.shape[1] for image in images) / size_divisible) * size_divisible
-    width = math.ceil(max(image.shape[2] for image in images) / size_divisible) * size_divisible
-    padded = images[0].new_zeros(len(images), images[0].shape[0], height, width)
-    for image, out in zip(images, padded):
-        out[:, :image.shape[1], :image.shape[2]].copy_(image)
-    return padded, list(targets)
-
-
-def image_sizes_of(targets: List[Dict[str, Tensor]]) -> Optional[List[Tuple[int, int]]]:
-    """Each image's own ``(H, W)`` from its target's ``size``, for the detector's ``image_sizes``
-    argument when a batch was padded; ``None`` when the targets don't say."""
-    if not all("size" in t for t in targets):
-        return None
-    return [(int(t["size"][0]), int(t["size"][1])) for t in targets]
+    return list(images), list(targets)
 
 # ─── 4. Backbone: ResNet-50 and the feature pyramid ────────────────────────────────────────────
 
 
-def load_weights(source, weights_enum, what: str) -> Dict[str, Tensor]:
+def load_weights(source, weights_enum, what: str, argument: str = "weights",
+                 random_ok: bool = True) -> Dict[str, Tensor]:
     """A state dict from ``source``: a dict, the path of a saved state dict, or the name of one of
     torchvision's published weights in ``weights_enum`` (e.g. ``"IMAGENET1K_V1"``, ``"DEFAULT"``).
 
     Named weights are downloaded once into torch's hub cache. Without a network and without the
-    cached file this fails within seconds, saying how to go on offline.
+    cached file this fails within seconds, saying how to go on offline. ``argument`` is the name
+    the caller's user passed ``source`` as, so that the advice in an error can be followed as
+    written; ``random_ok`` says whether ``argument=None`` (random initialisation) is a way out.
     """
+    offline_way = f"pass {argument}=None (random initialisation) or " if random_ok else "pass "
+    if source is None and not random_ok:
+        choices = ", ".join(weights_enum.__members__)
+        raise ValueError(f"{argument}=None: {what} needs weights: one of {choices}, a state dict "
+                         "or the path of one")
     if isinstance(source, dict):
         return source
     if isinstance(source, (str, os.PathLike)) and os.path.isfile(source):
@@ -1315,16 +1341,16 @@ def load_weights(source, weights_enum, what: str) -> Dict[str, Tensor]:
         except KeyError:
             choices = ", ".join(weights_enum.__members__)
             raise ValueError(
-                f"unknown {what} weights {source!r}: use one of {choices}, the path of a state-dict "
-                "file, or None for random initialisation"
+                f"unknown {what} weights {argument}={source!r}: use one of {choices}, or the path "
+                f"of a state-dict file" + (", or None for random initialisation" if random_ok else "")
             ) from None
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     reason = None if os.path.isfile(cached) else unreachable_reason(weights.url)
     if reason:
         raise ConnectionError(
-            f"cannot download the {what} weights {weights.name}: {reason}. Offline, pass "
-            f"weights=None (random initialisation) or the path of a state dict saved on a machine "
-            f"with a network, or copy {os.path.basename(weights.url)} into {os.path.dirname(cached)}."
+            f"cannot download the {what} weights {weights.name}: {reason}. Offline, {offline_way}"
+            f"{argument}=<the path of a state dict saved on a machine with a network>, or copy "
+            f"{os.path.basename(weights.url)} into {os.path.dirname(cached)}."
         )
     return weights.get_state_dict(progress=True)
 
@@ -1402,7 +1428,9 @@ class ResNet50(nn.Module):
             or the path of one.
         trainable_layers: how many stages, counted from the top, are trained (0..5): 3 trains
             layer2..layer4, 1 only layer4, 5 everything; the rest are frozen. Default: 3 with
-            pretrained weights, 5 without (torchvision's rule).
+            pretrained weights, 5 without (torchvision's rule); another value given without
+            weights warns and trains all 5, as torchvision does (freezing random layers only stops
+            them learning).
         frozen_bn: ``FrozenBatchNorm2d`` (True) or ordinary, trained ``nn.BatchNorm2d`` (False).
             Default: frozen with pretrained weights, whose statistics are worth keeping; ordinary
             without, since the identity statistics of a random network let activations grow
@@ -1421,6 +1449,12 @@ class ResNet50(nn.Module):
                  gradient_checkpointing: bool = False):
         super().__init__()
         pretrained = weights is not None
+        if not pretrained and trainable_layers not in (None, 5):
+            warnings.warn(f"trainable_layers={trainable_layers} has no effect without pretrained "
+                          "weights: freezing randomly initialised layers would only stop them "
+                          "learning, so all 5 are trained (torchvision's rule). Pass weights to "
+                          "freeze stages.", UserWarning, stacklevel=2)
+            trainable_layers = 5
         trainable_layers = (3 if pretrained else 5) if trainable_layers is None else trainable_layers
         frozen_bn = pretrained if frozen_bn is None else frozen_bn
         norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
@@ -1546,15 +1580,15 @@ class AnchorGenerator(nn.Module):
         return [len(s) * len(r) for s, r in zip(self.sizes, self.aspect_ratios)]
 
     def forward(self, image_size: Tuple[int, int], feature_shapes: List[Tuple[int, int]],
-                device=None) -> Tuple[Tensor, List[int]]:
-        """Anchors ``[sum_l H_l * W_l * A_l, 4]`` for a padded image of ``image_size`` (H, W), and
-        the stride of each level (``image_size // feature_size``)."""
+                device=None) -> Tensor:
+        """Anchors ``[sum_l H_l * W_l * A_l, 4]`` for a padded image of ``image_size`` (H, W).
+        Level l's stride is ``image_size // feature_size``, per axis, as torchvision."""
         if len(feature_shapes) != len(self.cell_anchors):
             raise ValueError(
                 f"the backbone gives {len(feature_shapes)} feature levels but the anchor generator "
                 f"has sizes for {len(self.cell_anchors)}: pass one tuple of anchor sizes per level"
             )
-        anchors, strides = [], []
+        anchors = []
         for (h, w), cell in zip(feature_shapes, self.cell_anchors):
             stride_y, stride_x = image_size[0] // h, image_size[1] // w
             ys = torch.arange(h, dtype=torch.float32, device=device) * stride_y
@@ -1562,8 +1596,7 @@ class AnchorGenerator(nn.Module):
             ys, xs = torch.meshgrid(ys, xs, indexing="ij")
             shifts = torch.stack([xs, ys, xs, ys], dim=-1).reshape(-1, 1, 4)
             anchors.append((shifts + cell.to(device)[None]).reshape(-1, 4))
-            strides.append(stride_y)
-        return torch.cat(anchors), strides
+        return torch.cat(anchors)
 
 
 class RPNHead(nn.Module):
@@ -1636,6 +1669,14 @@ def sample_balanced(labels: Tensor, batch_size: int, positive_fraction: float
     return pos_mask, neg_mask
 
 
+def _required(targets, stage: str):
+    """``targets``, or a clear error: in training mode a stage computes losses and needs them."""
+    if targets is None:
+        raise ValueError(f"the {stage} is in training mode and computes losses, so it needs "
+                         "targets: pass them, or call .eval() for inference")
+    return targets
+
+
 class RegionProposalNetwork(nn.Module):
     """Scores every anchor as object/background, regresses it, and keeps the best as proposals.
 
@@ -1668,7 +1709,7 @@ class RegionProposalNetwork(nn.Module):
                 ) -> Tuple[List[Tensor], Dict[str, Tensor]]:
         """Proposals (a list of ``[P_i, 4]``, one per image) and, with targets, the RPN losses."""
         logits, deltas = self.head(features)
-        anchors, _ = self.anchor_generator(padded_size, [f.shape[-2:] for f in features],
+        anchors = self.anchor_generator(padded_size, [f.shape[-2:] for f in features],
                                            features[0].device)
         num_images = features[0].shape[0]
         # [B, A, H, W] -> [B, H*W*A] and [B, 4A, H, W] -> [B, H*W*A, 4]: the anchors' order.
@@ -1682,7 +1723,7 @@ class RegionProposalNetwork(nn.Module):
         boxes = decode_boxes(anchors.repeat(num_images, 1), deltas.detach().reshape(-1, 4))
         proposals = self.filter_proposals(boxes.view(num_images, -1, 4), logits.detach(),
                                           image_sizes, per_level)
-        losses = self.loss(anchors, logits, deltas, targets) if targets is not None else {}
+        losses = self.loss(anchors, logits, deltas, _required(targets, "RPN")) if self.training else {}
         return proposals, losses
 
     def filter_proposals(self, boxes: Tensor, logits: Tensor, image_sizes, per_level: List[int]
@@ -1842,13 +1883,13 @@ class ROIHeads(nn.Module):
     def forward(self, features: List[Tensor], proposals: List[Tensor],
                 image_sizes: List[Tuple[int, int]], targets: Optional[List[Dict[str, Tensor]]] = None
                 ) -> Tuple[List[Dict[str, Tensor]], Dict[str, Tensor]]:
-        """Detections (inference) or the ROI losses (with targets)."""
-        if targets is not None:
-            proposals, labels, box_targets = self.sample(proposals, targets)
+        """Detections (eval mode) or the ROI losses (training mode, with targets)."""
+        if self.training:
+            proposals, labels, box_targets = self.sample(proposals, _required(targets, "ROI head"))
         pooled = self.roi_align(features, proposals, image_sizes)
         logits, deltas = self.predictor(self.box_head(pooled))
         logits, deltas = logits.float(), deltas.float()
-        if targets is not None:
+        if self.training:
             return [], self.loss(logits, deltas, labels, box_targets)
         return self.postprocess(logits, deltas, proposals, image_sizes), {}
 
@@ -1913,38 +1954,42 @@ class FasterRCNN(nn.Module):
     ``(results, proposals)``: per image a dict of ``boxes`` ``[D, 4]``, ``scores`` ``[D]``,
     ``labels`` ``[D]`` (1..num_classes-1) and the RPN's proposals ``[P, 4]``.
 
-    ``images`` is a normalised batch ``[B, 3, H, W]`` or a list of ``[3, H_i, W_i]`` images. The
-    model pads them (bottom/right, zeros) to a common size divisible by 32 and clips each image's
-    boxes to its own size. A batch that is already padded (``frcnn_collate_fn`` pads images of
-    different sizes) passes the true sizes as ``image_sizes``, a list of ``(H_i, W_i)``. ``targets`` holds per image ``boxes`` ``[G, 4]`` (absolute x1 y1 x2 y2
-    pixels) and ``labels`` ``[G]``; G may be 0.
+    ``images`` is a list of normalised ``[3, H_i, W_i]`` images (as ``frcnn_collate_fn`` leaves
+    them) or a batch ``[B, 3, H, W]`` of images that all have that size. The model pads them
+    (bottom/right, zeros) to a common size divisible by 32 and clips each image's boxes to its own
+    size. ``targets`` is a list with one dict per image: ``boxes`` ``[G, 4]`` (absolute x1 y1 x2 y2
+    pixels) and ``labels`` ``[G]``; G may be 0. The mode decides everything: in training mode the
+    targets are required and losses come back, in eval mode they are not used.
 
     Args:
         num_classes: classes *including the background* (81 for COCO's 80 categories).
-        backbone: ``None`` builds ResNet-50 + FPN. Otherwise any module mapping ``[B, 3, H, W]``
-            to one feature map (``use_fpn=False``, its stride as ``anchor_stride``) or to a list
-            of maps, finest first (``use_fpn=True``: an FPN is built on top of them).
+        backbone: ``None`` builds a randomly initialised ``ResNet50`` with an FPN (the factories
+            :func:`fasterrcnn_resnet50_fpn` and :func:`fasterrcnn_resnet101_fpn` build one with
+            weights, frozen stages or checkpointing and hand it in). Otherwise any module mapping
+            ``[B, 3, H, W]`` to one feature map (``use_fpn=False``, its stride as
+            ``anchor_stride``) or to a list of maps, finest first (``use_fpn=True``: an FPN is
+            built on top of them).
         feat_channels: the backbone's output channels (an int, or one per map with an FPN);
-            read from ``backbone.out_channels`` when not given.
+            read from ``backbone.out_channels`` when not given, checked on the first batch.
         use_fpn: default True for the built-in backbone, False for a custom one.
+        fpn_channels: channels of every pyramid level (256 in torchvision's detector).
         anchor_sizes: with an FPN one size per pyramid level (default 32, 64, ... doubling);
-            without, all sizes at the single level (default 128, 256, 512).
+            without, all sizes at the single level (default 128, 256, 512: COCO's objects at
+            800 px; choose sizes that span your objects, see README).
         aspect_ratios: anchor height/width ratios, the same at every level.
         anchor_stride: the stride of a single-map backbone (checked against the real one).
-        pool_size, hidden_dim, dropout: the RoIAlign grid and the two-layer head.
-        weights_backbone, trainable_layers, frozen_bn, norm_eps, gradient_checkpointing: for the
-            built-in ResNet-50 (see ``ResNet50``).
+        pool_size, sampling_ratio, hidden_dim, dropout: the RoIAlign grid and the two-layer head.
+        canonical_size, canonical_level: the level rule of :class:`ROIAlign` (224, 4 for COCO).
         rpn_kwargs, roi_kwargs: overrides for ``RegionProposalNetwork`` and ``ROIHeads``.
     """
 
     def __init__(self, num_classes: int = NUM_CLASSES, backbone: Optional[nn.Module] = None, *,
                  feat_channels: Union[int, Sequence[int], None] = None, use_fpn: Optional[bool] = None,
-                 anchor_sizes: Optional[Sequence[float]] = None,
+                 fpn_channels: int = 256, anchor_sizes: Optional[Sequence[float]] = None,
                  aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0), anchor_stride: int = 16,
-                 pool_size: Tuple[int, int] = (7, 7), hidden_dim: int = 1024, dropout: float = 0.0,
-                 weights_backbone=None, trainable_layers: Optional[int] = None,
-                 frozen_bn: Optional[bool] = None, norm_eps: float = 1e-5,
-                 gradient_checkpointing: bool = False, sampling_ratio: int = 2,
+                 pool_size: Tuple[int, int] = (7, 7), sampling_ratio: int = 2,
+                 canonical_size: float = 224.0, canonical_level: int = 4,
+                 hidden_dim: int = 1024, dropout: float = 0.0,
                  rpn_kwargs: Optional[dict] = None, roi_kwargs: Optional[dict] = None):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 2:
@@ -1954,35 +1999,29 @@ class FasterRCNN(nn.Module):
             )
         self.num_classes = num_classes
         if backbone is None:
-            backbone = ResNet50(weights_backbone, trainable_layers=trainable_layers, frozen_bn=frozen_bn,
-                                norm_eps=norm_eps, gradient_checkpointing=gradient_checkpointing)
-            use_fpn = True if use_fpn is None else use_fpn
-        use_fpn = bool(use_fpn)
+            backbone, use_fpn = ResNet50(), True if use_fpn is None else use_fpn
         feat_channels = feat_channels if feat_channels is not None else getattr(backbone, "out_channels", None)
         if feat_channels is None:
             raise ValueError("pass feat_channels, the number of channels of the backbone's output")
-        self.backbone = backbone
-        self.anchor_stride = anchor_stride
+        self.backbone, self.anchor_stride = backbone, anchor_stride
+        self.feat_channels = list(feat_channels) if isinstance(feat_channels, Sequence) else [feat_channels]
         if use_fpn:
-            in_channels = list(feat_channels) if isinstance(feat_channels, Sequence) else [feat_channels]
-            self.fpn = FPN(in_channels, 256)
-            channels, levels = 256, len(in_channels) + 1
-            anchor_sizes = anchor_sizes or tuple(32 * 2**i for i in range(levels))
-            if len(anchor_sizes) != levels:
+            self.fpn = FPN(self.feat_channels, fpn_channels)
+            channels, levels = fpn_channels, len(self.feat_channels) + 1  # + P6
+            sizes = tuple((s,) for s in anchor_sizes or [32 * 2**i for i in range(levels)])
+            if len(sizes) != levels:
                 raise ValueError(f"with an FPN of {levels} levels pass {levels} anchor sizes, "
                                  f"one per level; got {tuple(anchor_sizes)}")
-            generator = AnchorGenerator(tuple((s,) for s in anchor_sizes), (tuple(aspect_ratios),) * levels)
         else:
-            if not isinstance(feat_channels, int):
+            if len(self.feat_channels) != 1:
                 raise ValueError("without an FPN the backbone returns one map: feat_channels must be an int")
-            self.fpn = None
-            channels = feat_channels
-            anchor_sizes = anchor_sizes or (128, 256, 512)
-            generator = AnchorGenerator((tuple(anchor_sizes),), (tuple(aspect_ratios),))
+            self.fpn, channels = None, self.feat_channels[0]
+            sizes = (tuple(anchor_sizes or (128, 256, 512)),)
+        generator = AnchorGenerator(sizes, (tuple(aspect_ratios),) * len(sizes))
         head = RPNHead(channels, generator.num_anchors_per_location()[0])
         self.rpn = RegionProposalNetwork(head, generator, **(rpn_kwargs or {}))
         self.roi_heads = ROIHeads(
-            ROIAlign(pool_size, sampling_ratio),
+            ROIAlign(pool_size, sampling_ratio, canonical_size, canonical_level),
             TwoMLPHead(channels * pool_size[0] * pool_size[1], hidden_dim, dropout),
             FastRCNNPredictor(hidden_dim, num_classes),
             **(roi_kwargs or {}),
@@ -2002,13 +2041,10 @@ class FasterRCNN(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
 
-    def forward(self, images: Union[Tensor, List[Tensor]], targets: Optional[List[Dict[str, Tensor]]] = None,
-                image_sizes: Optional[List[Tuple[int, int]]] = None):
-        batch, image_sizes = self.batch_images(images, image_sizes)
-        if self.training:
-            targets = self.check_targets(targets, image_sizes, batch.device)
-        else:
-            targets = None
+    def forward(self, images: Union[Tensor, List[Tensor]],
+                targets: Optional[List[Dict[str, Tensor]]] = None):
+        batch, image_sizes = self.batch_images(images)
+        targets = self.check_targets(targets, image_sizes, batch.device) if self.training else None
         features = self.features(batch)
         proposals, rpn_losses = self.rpn(features, image_sizes, tuple(batch.shape[-2:]), targets)
         pooled_levels = features[:-1] if self.fpn is not None else features  # P6 is for the RPN only
@@ -2022,8 +2058,14 @@ class FasterRCNN(nn.Module):
     def features(self, batch: Tensor) -> List[Tensor]:
         """The feature maps the RPN sees: P2..P6 with an FPN, else the backbone's one map."""
         out = self.backbone(batch)
+        maps = list(out) if isinstance(out, (list, tuple)) else [out]
+        got = [m.shape[1] for m in maps]
+        if got != self.feat_channels:
+            raise ValueError(f"the backbone's output has {got} channels but feat_channels="
+                             f"{self.feat_channels if self.fpn is not None else self.feat_channels[0]}"
+                             f": pass feat_channels={got if self.fpn is not None else got[0]}")
         if self.fpn is not None:
-            return self.fpn(list(out) if isinstance(out, (list, tuple)) else [out])
+            return self.fpn(maps)
         if isinstance(out, (list, tuple)):
             raise ValueError("the backbone returned several maps: pass use_fpn=True to build an FPN on them")
         stride = batch.shape[-2] // out.shape[-2]
@@ -2033,14 +2075,14 @@ class FasterRCNN(nn.Module):
         return [out]
 
     @torch.no_grad()
-    def predict(self, images: Union[Tensor, List[Tensor]], score_threshold: Optional[float] = None,
-                image_sizes: Optional[List[Tuple[int, int]]] = None) -> List[Dict[str, Tensor]]:
+    def predict(self, images: Union[Tensor, List[Tensor]], score_threshold: Optional[float] = None
+                ) -> List[Dict[str, Tensor]]:
         """Detections for a batch, in eval mode and without gradients; keeps only scores at or
         above ``score_threshold`` if given. The module's training mode is restored afterwards."""
         was_training = self.training
         self.eval()
         try:
-            results, _ = self(images, image_sizes=image_sizes)
+            results, _ = self(images)
         finally:
             self.train(was_training)
         if score_threshold is not None:
@@ -2050,10 +2092,10 @@ class FasterRCNN(nn.Module):
     # -- input checks ---------------------------------------------------------------------------
 
     @staticmethod
-    def batch_images(images: Union[Tensor, List[Tensor]], image_sizes: Optional[List[Tuple[int, int]]] = None,
-                     divisor: int = 32) -> Tuple[Tensor, List[Tuple[int, int]]]:
+    def batch_images(images: Union[Tensor, List[Tensor]], divisor: int = 32
+                     ) -> Tuple[Tensor, List[Tuple[int, int]]]:
         """Check the images and pad them into one ``[B, 3, H', W']`` tensor, H' and W' divisible
-        by ``divisor``; also return each image's own ``(H, W)`` (``image_sizes`` if given)."""
+        by ``divisor``; also return each image's own ``(H, W)``. The one place images are padded."""
         if isinstance(images, Tensor):
             if images.dim() == 3:
                 raise ValueError(f"images has shape {list(images.shape)}: expected a batch "
@@ -2073,12 +2115,6 @@ class FasterRCNN(nn.Module):
             raise TypeError(f"images are {images_list[0].dtype}: convert to float and normalise "
                             "with IMAGENET_MEAN / IMAGENET_STD first")
         sizes = [tuple(img.shape[-2:]) for img in images_list]
-        if image_sizes is not None:
-            given = [(int(h), int(w)) for h, w in image_sizes]
-            if len(given) != len(sizes) or any(h > H or w > W for (h, w), (H, W) in zip(given, sizes)):
-                raise ValueError(f"image_sizes {given} must give one (H, W) per image, each within "
-                                 f"the image tensor's {sizes[0]}")
-            sizes = given
         height = math.ceil(max(h for h, _ in sizes) / divisor) * divisor
         width = math.ceil(max(w for _, w in sizes) / divisor) * divisor
         if isinstance(images, Tensor):
@@ -2096,6 +2132,9 @@ class FasterRCNN(nn.Module):
         if targets is None:
             raise ValueError("training mode needs targets: call model(images, targets), "
                              "or model.eval() for inference")
+        if isinstance(targets, dict):
+            raise TypeError("targets is one dict: pass a list with one dict per image, e.g. "
+                            "[target] for a single image")
         if len(targets) != len(image_sizes):
             raise ValueError(f"{len(image_sizes)} images but {len(targets)} targets: one dict per image")
         checked = []
@@ -2153,11 +2192,13 @@ class FasterRCNN(nn.Module):
         """
         from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
 
-        state = load_weights(state_dict, FasterRCNN_ResNet50_FPN_Weights, "Faster R-CNN")
+        state = load_weights(state_dict, FasterRCNN_ResNet50_FPN_Weights, "from_torchvision",
+                             "state_dict", random_ok=False)
         state = torchvision_to_course_state_dict(state, map_coco_classes)
         num_classes = state["roi_heads.predictor.cls_score.weight"].shape[0]
+        body = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         kwargs = {"frozen_bn": True, "trainable_layers": 3, **kwargs}  # pretrained, like torchvision
-        model = cls(num_classes, norm_eps=norm_eps, **kwargs)
+        model = fasterrcnn_resnet50_fpn(num_classes, weights_backbone=body, norm_eps=norm_eps, **kwargs)
         model.load_state_dict(state)
         return model
 
@@ -2202,57 +2243,31 @@ def torchvision_to_course_state_dict(state: Dict[str, Tensor], map_coco_classes:
     return renamed
 
 
-def fasterrcnn_resnet50_fpn(num_classes: int = NUM_CLASSES, weights_backbone=None,
-                            trainable_layers: Optional[int] = None, **kwargs) -> FasterRCNN:
+def fasterrcnn_resnet50_fpn(num_classes: int = NUM_CLASSES, weights_backbone=None, *,
+                            trainable_layers: Optional[int] = None, frozen_bn: Optional[bool] = None,
+                            norm_eps: float = 1e-5, gradient_checkpointing: bool = False,
+                            resnet=None, **kwargs) -> FasterRCNN:
     """Faster R-CNN with a ResNet-50 + FPN backbone, torchvision's configuration.
-    ``weights_backbone="IMAGENET1K_V1"`` starts from ImageNet."""
-    return FasterRCNN(num_classes, weights_backbone=weights_backbone,
-                      trainable_layers=trainable_layers, **kwargs)
 
+    The backbone options are :class:`ResNet50`'s: ``weights_backbone="IMAGENET1K_V1"`` starts from
+    ImageNet (then 3 trainable stages and frozen BatchNorm by default). ``resnet`` picks another
+    ResNet class (:class:`ResNet101`); ``kwargs`` go to :class:`FasterRCNN`.
+    """
+    resnet = resnet or ResNet50
+    if weights_backbone is not None:  # loaded here, so that errors name this function's argument
+        import torchvision.models
 
-def fasterrcnn_resnet101_fpn(num_classes: int = NUM_CLASSES, weights_backbone=None,
-                             trainable_layers: Optional[int] = None, frozen_bn: Optional[bool] = None,
-                             norm_eps: float = 1e-5, gradient_checkpointing: bool = False,
-                             **kwargs) -> FasterRCNN:
-    """Faster R-CNN with a ResNet-101 + FPN backbone (built through the generic backbone path)."""
-    backbone = ResNet101(weights_backbone, trainable_layers=trainable_layers, frozen_bn=frozen_bn,
-                         norm_eps=norm_eps, gradient_checkpointing=gradient_checkpointing)
+        enum = getattr(torchvision.models, resnet.torchvision_weights)
+        weights_backbone = load_weights(weights_backbone, enum, resnet.__name__, "weights_backbone")
+    backbone = resnet(weights_backbone, trainable_layers=trainable_layers, frozen_bn=frozen_bn,
+                      norm_eps=norm_eps, gradient_checkpointing=gradient_checkpointing)
     return FasterRCNN(num_classes, backbone, use_fpn=True, **kwargs)
 
 
-def torchvision_twin(model: FasterRCNN, map_coco_classes: bool = False) -> nn.Module:
-    """torchvision's own ``FasterRCNN`` holding the same weights as ``model`` (a ResNet-50 + FPN),
-    for side-by-side checks: frozen BatchNorm, the same trainable layers, and a transform that
-    neither resizes nor normalises, so both models see the same pixels. With an 81-class model
-    and ``map_coco_classes=True`` its head is spread back onto torchvision's 91 COCO ids."""
-    from torchvision.models import resnet50
-    from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
-    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-    from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBN
-
-    bn = model.backbone.bn1
-    norm = TorchvisionFrozenBN if isinstance(bn, FrozenBatchNorm2d) else nn.BatchNorm2d
-    trainable = sum(any(p.requires_grad for p in getattr(model.backbone, n).parameters())
-                    for n in ("conv1", "layer1", "layer2", "layer3", "layer4"))
-    body = resnet50(norm_layer=lambda c: norm(c, eps=bn.eps))
-    num_classes = 91 if map_coco_classes else model.num_classes
-    twin = TorchvisionFasterRCNN(_resnet_fpn_extractor(body, trainable), num_classes=num_classes,
-                                 min_size=1, max_size=100_000, image_mean=[0.0] * 3, image_std=[1.0] * 3)
-    twin.transform.resize = lambda image, target=None: (image, target)  # no resizing at all
-    their_name = {course_key(k): k for k in twin.state_dict()}
-    state = {their_name[k]: v for k, v in model.state_dict().items()}
-    if map_coco_classes:
-        rows, box_rows = coco91_rows()
-        for name in ("weight", "bias"):
-            for head, idx, size in (("cls_score", rows, 91), ("bbox_pred", box_rows, 364)):
-                key = f"roi_heads.box_predictor.{head}.{name}"
-                full = torch.zeros((size, *state[key].shape[1:]))
-                if head == "cls_score" and name == "bias":
-                    full.fill_(-1e4)  # the unused ids never win the softmax
-                full[idx] = state[key]
-                state[key] = full
-    twin.load_state_dict(state)
-    return twin.train(model.training)
+def fasterrcnn_resnet101_fpn(num_classes: int = NUM_CLASSES, weights_backbone=None,
+                             **kwargs) -> FasterRCNN:
+    """Faster R-CNN with a ResNet-101 + FPN backbone: :func:`fasterrcnn_resnet50_fpn`'s options."""
+    return fasterrcnn_resnet50_fpn(num_classes, weights_backbone, resnet=ResNet101, **kwargs)
 
 
 # ─── 8. Training ───────────────────────────────────────────────────────────────────────────────
@@ -2358,8 +2373,12 @@ class TrainState:
         batch_in_epoch: batches of the current epoch already used (non-zero only mid-epoch).
         skipped_steps: steps whose update was skipped because a loss or gradient was not finite.
         bad_in_row: how many of the latest steps were skipped in a row.
+        total_steps: the steps the learning-rate schedule was planned over (``fit`` sets it).
+        world_size: how many processes trained the run.
         history: per-step records, ``{"step": [...], "epoch": [...], "lr": [...], "total": [...],
             <each loss>: [...], "grad_norm": [...], "skipped": [...]}``.
+
+    Every field but the two random states is saved in a checkpoint under its own name.
     """
 
     epoch: int = 0
@@ -2367,9 +2386,16 @@ class TrainState:
     batch_in_epoch: int = 0
     skipped_steps: int = 0
     bad_in_row: int = 0
+    total_steps: Optional[int] = None
+    world_size: int = 1
     history: Dict[str, List[float]] = field(default_factory=dict)
     epoch_rng: Optional[dict] = None  # random state at the start of the current epoch
     resume_rng: Optional[dict] = None  # random state to restore when a loaded run continues
+
+    def saved_fields(self) -> dict:
+        """The fields a checkpoint stores by name (all but the random states)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if not f.name.endswith("_rng")}
 
 
 def get_rng_state() -> dict:
@@ -2401,8 +2427,19 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def _rank_and_world_size() -> Tuple[int, int]:
+    """This process's rank and the number of processes: (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _is_main_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return _rank_and_world_size()[0] == 0
+
+
+def _is_distributed() -> bool:
+    return _rank_and_world_size()[1] > 1
 
 
 def _amp_dtype(device: torch.device, amp: bool) -> Optional[torch.dtype]:
@@ -2492,7 +2529,7 @@ def train_one_epoch(
     if amp_dtype == torch.float16 and scaler is None:
         scaler = torch.amp.GradScaler("cuda")
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    distributed = _is_distributed()
     model.train()
 
     # Reproducible data order: the loader's shuffling and its workers' seeds are drawn from the
@@ -2624,7 +2661,7 @@ CHECKPOINT_FORMAT = "frcnn_common/train-checkpoint-v1"
 
 def _gather_rng(rng: Optional[dict]) -> List[Optional[dict]]:
     """Every rank's random state (a list by rank): each rank draws its own random numbers."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _is_distributed():
         gathered: List[Optional[dict]] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, rng)
         return gathered
@@ -2662,12 +2699,8 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "epoch": state.epoch,
-        "step": state.step,
-        "batch_in_epoch": state.batch_in_epoch,
-        "skipped_steps": state.skipped_steps,
-        "bad_in_row": state.bad_in_row,
-        "history": state.history,
+        **state.saved_fields(),
+        "world_size": len(rng),
         "rng": rng,
         "epoch_rng": epoch_rng,
         "extra": extra,
@@ -2732,12 +2765,7 @@ def load_checkpoint(
         ValueError: the checkpoint was made for a different ``num_classes`` or architecture.
         FileNotFoundError: no file at ``path``.
     """
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"No checkpoint at {path}. Check the path, or start a fresh run (fit(..., resume=True) "
-            "starts from scratch when the file does not exist yet)."
-        )
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    checkpoint = _read_checkpoint(path, map_location)
     net = unwrap_model(model)
     if not (isinstance(checkpoint, dict) and checkpoint.get("format") == CHECKPOINT_FORMAT):
         weights = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
@@ -2759,22 +2787,78 @@ def load_checkpoint(
     if scaler is not None and checkpoint["scaler"] is not None:
         scaler.load_state_dict(checkpoint["scaler"])
 
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank, world_size = _rank_and_world_size()
     rng, epoch_rng = checkpoint["rng"], checkpoint["epoch_rng"]
-    return TrainState(
-        epoch=checkpoint["epoch"],
-        step=checkpoint["step"],
-        batch_in_epoch=checkpoint["batch_in_epoch"],
-        skipped_steps=checkpoint["skipped_steps"],
-        bad_in_row=checkpoint["bad_in_row"],
-        history={k: list(v) for k, v in checkpoint["history"].items()},
-        epoch_rng=epoch_rng[rank % len(epoch_rng)],
-        resume_rng=rng[rank % len(rng)],
-    )
+    if len(rng) != world_size:
+        warnings.warn(f"{path} was written by a run of {len(rng)} processes and is resumed by "
+                      f"{world_size}: weights, optimiser and schedule continue, but the data order "
+                      "and random numbers differ from those of an uninterrupted run", stacklevel=2)
+    fields = {name: checkpoint[name] for name in TrainState().saved_fields() if name in checkpoint}
+    fields["history"] = {k: list(v) for k, v in fields.get("history", {}).items()}
+    return TrainState(**fields, epoch_rng=epoch_rng[rank % len(epoch_rng)],
+                      resume_rng=rng[rank % len(rng)])
+
+
+def _read_checkpoint(path: str, map_location) -> dict:
+    """``torch.load`` of ``path`` (tensors only), with errors that name the file and the fix."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"No checkpoint at {path}. Check the path, or start a fresh run (fit(..., resume=True) "
+            "starts from scratch when the file does not exist yet)."
+        )
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "*.pt")))[:5]
+        raise IsADirectoryError(f"{path} is a directory, not a checkpoint file: pass the path of "
+                                f"the .pt file (.pt files in it: {found or 'none'})")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises several types for a bad file
+        if "Weights only load failed" in str(err):
+            reason = ("it holds Python objects besides tensors, numbers and strings, so it was "
+                      "not written by save_checkpoint or torch.save(model.state_dict()). If you "
+                      "trust its origin, load it with torch.load(path, weights_only=False) and "
+                      "pass the state dict on")
+        else:
+            reason = (f"it is not a readable torch file ({os.path.getsize(path)} bytes; "
+                      f"{type(err).__name__}): truncated or corrupt. Delete it to start afresh, "
+                      "or restore a copy")
+        raise ValueError(f"cannot load checkpoint {path}: {reason}") from None
 
 
 # ---------------------------------------------------------------------------------------------
 # The fit loop
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _resume(path: str, model, optimizer, scheduler, scaler, epochs: int, total_steps: int,
+            say: bool) -> TrainState:
+    """Load ``path`` for :func:`fit` and say what goes on: where the run stands, a schedule
+    re-planned for a new length (its learning rate set for the current step at once, so that no
+    step runs at the old schedule's final rate), or that there is nothing left to train."""
+    state = load_checkpoint(path, model, optimizer, scheduler, scaler)
+    planned, state.total_steps = state.total_steps, total_steps
+    if state.epoch >= epochs:
+        if say:
+            _say(f"Nothing to train: {path} already holds {state.epoch} epochs ({state.step} "
+                 f"steps) and {epochs} were asked for. Pass more epochs to continue it, or "
+                 "resume=False (train.py: --no-resume) to start over.")
+        return state
+    if say:
+        _say(f"Resuming from {path}: epoch {state.epoch}, step {state.step} (batch "
+             f"{state.batch_in_epoch} of the epoch), {epochs} epochs in all.")
+    if planned is not None and planned != total_steps and isinstance(
+            scheduler, torch.optim.lr_scheduler.LambdaLR):
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs,
+                                       scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        if say:
+            _say(f"The run was planned over {planned} steps and now spans {total_steps}: the "
+                 f"learning-rate schedule is re-planned and continues at "
+                 f"{optimizer.param_groups[0]['lr']:.3g}.")
+    return state
 
 
 def fit(
@@ -2837,19 +2921,15 @@ def fit(
             ) from None
     if optimizer is None:
         optimizer = make_optimizer(model, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    total_steps = epochs * steps_per_epoch
     if scheduler is None:
-        scheduler = make_scheduler(optimizer, epochs * steps_per_epoch, warmup_steps, schedule)
+        scheduler = make_scheduler(optimizer, total_steps, warmup_steps, schedule)
     scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
 
-    state = TrainState()
+    state = TrainState(total_steps=total_steps, world_size=_rank_and_world_size()[1])
     if checkpoint_path is not None and resume and os.path.exists(checkpoint_path):
-        state = load_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler)
-        if progress and _is_main_process():
-            print(
-                f"Resuming from {checkpoint_path}: epoch {state.epoch}, step {state.step} "
-                f"(batch {state.batch_in_epoch} of the epoch).",
-                file=sys.stderr,
-            )
+        state = _resume(checkpoint_path, model, optimizer, scheduler, scaler, epochs, total_steps,
+                        say=progress and _is_main_process())
 
     def save(current: TrainState) -> None:
         if checkpoint_path is not None:
@@ -2924,7 +3004,7 @@ def wrap_distributed(model: nn.Module, device=None, **ddp_kwargs) -> nn.Module:
     gradients across ranks during backward, so one step on N ranks with B images each is one
     step on the N * B images.
     """
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not _is_distributed():
         return model
     device = torch.device(device) if device is not None else next(model.parameters()).device
     device_ids = [device.index] if device.type == "cuda" else None
@@ -2957,7 +3037,7 @@ def make_loader(
     """
     collate_fn = collate_fn or frcnn_collate_fn
     sampler = None
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    distributed = _is_distributed()
     if distributed and not isinstance(dataset, torch.utils.data.IterableDataset):
         sampler = torch.utils.data.DistributedSampler(
             dataset, shuffle=shuffle, seed=seed, drop_last=drop_last
@@ -3089,6 +3169,31 @@ def shapes_experiment(steps: Optional[int] = None, *, seed: int = 0, device=DEVI
             "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds}
 
 
+def shapes_detector(checkpoint: str, fallback: Optional[str] = None, *, progress: bool = True,
+                    **recipe) -> nn.Module:
+    """The shapes detector that notebook 05 trains and saves at ``checkpoint``, in eval mode.
+
+    When ``checkpoint`` does not exist (notebook 06 run on its own), the detector is trained
+    with :func:`shapes_experiment` (``recipe`` overrides ``SHAPES_RECIPE``) and saved at
+    ``fallback`` (default: ``checkpoint`` with ``_fallback`` added to its name), never under
+    ``checkpoint``, whose name promises 05's run; a later call loads the fallback.
+    """
+    if fallback is None:
+        stem, ext = os.path.splitext(checkpoint)
+        fallback = f"{stem}_fallback{ext}"
+    model = tiny_detector(len(SHAPE_NAMES))
+    for path in (checkpoint, fallback):
+        if os.path.exists(path):
+            load_checkpoint(path, model)
+            print(f"Loaded the shapes detector from {path}")
+            return model.eval()
+    print(f"{checkpoint} not found (run notebook 05 first to use its detector): training one "
+          f"now with shapes_experiment, saved as {fallback}")
+    model = shapes_experiment(progress=progress, **recipe)["model"]
+    save_checkpoint(fallback, model)
+    return model.eval()
+
+
 # ─── 9. Evaluation ─────────────────────────────────────────────────────────────────────────────
 # COCO's box mAP computed by pycocotools itself (the numbers papers report), a loop that runs a
 # detector over a loader, and the drawing helpers the notebooks use.
@@ -3104,6 +3209,51 @@ def _xywh(boxes: Tensor) -> List[List[float]]:
     """Boxes [N, 4] x1, y1, x2, y2 -> COCO's [x, y, width, height] as Python floats."""
     boxes = boxes.detach().cpu().double().reshape(-1, 4)
     return torch.cat((boxes[:, :2], boxes[:, 2:] - boxes[:, :2]), 1).tolist()
+
+
+def match_detections(boxes: Tensor, scores: Tensor, gt_boxes: Tensor,
+                     iou_threshold: float = 0.5) -> Tensor:
+    """Which detections of one class in one image are true positives, by COCO's rule.
+
+    Detections are visited from the highest score down (ties in index order); each takes the
+    ground-truth box it overlaps most among those still free, if that IoU is at least
+    ``iou_threshold``. A second detection of an already matched object is a false positive (a
+    duplicate), however well it overlaps. Returns bool ``[D]`` in the order of ``boxes``.
+    """
+    order = torch.sort(scores, descending=True, stable=True).indices
+    iou = box_iou(boxes, gt_boxes) if gt_boxes.numel() else boxes.new_zeros(len(boxes), 0)
+    free = torch.ones(len(gt_boxes), dtype=torch.bool)
+    hit = torch.zeros(len(boxes), dtype=torch.bool)
+    for d in order.tolist():
+        candidates = torch.where(free, iou[d], torch.full_like(iou[d], -1.0))
+        if candidates.numel() and candidates.max() >= min(iou_threshold, 1 - 1e-10):
+            g = int(candidates.argmax())
+            free[g], hit[d] = False, True
+    return hit
+
+
+def average_precision(hits: Tensor, scores: Tensor, num_gt: int) -> float:
+    """COCO's 101-point interpolated average precision of one class at one IoU threshold.
+
+    ``hits`` and ``scores`` are ``[D]`` over the detections of all images (from
+    :func:`match_detections`), ``num_gt`` the number of ground-truth objects. Sorted by score,
+    precision and recall after each detection trace the precision-recall curve; precision is
+    made non-increasing from the right (the "envelope"), then read at the 101 recall levels
+    0, 0.01, ..., 1 (0 where recall never gets there) and averaged. -1 when ``num_gt`` is 0, as
+    pycocotools reports a class without ground truth.
+    """
+    if num_gt == 0:
+        return -1.0
+    order = torch.sort(scores, descending=True, stable=True).indices
+    tp = torch.cumsum(hits[order].double(), 0)
+    fp = torch.cumsum((~hits[order]).double(), 0)
+    recall = tp / num_gt
+    precision = tp / (tp + fp).clamp(min=1e-300)
+    precision = torch.flip(torch.cummax(torch.flip(precision, [0]), 0).values, [0])  # envelope
+    levels = torch.linspace(0, 1, 101, dtype=torch.float64)
+    index = torch.searchsorted(recall, levels)  # the first detection reaching each level
+    padded = torch.cat((precision, precision.new_zeros(1)))  # a level never reached counts 0
+    return float(padded[index].mean())
 
 
 def coco_map(predictions: List[Dict[str, Tensor]], targets: List[Dict[str, Tensor]],
@@ -3204,7 +3354,7 @@ def evaluate(model: nn.Module, loader, *, verbose: bool = False, progress: bool 
                 if max_batches is not None and step >= max_batches:
                     break
                 images, _ = _to_device(images, [], device)
-                results, _ = model(images, image_sizes=image_sizes_of(targets))
+                results, _ = model(images)
                 for result, target in zip(results, targets):
                     predictions.append({
                         "boxes": boxes_to_original(result["boxes"].cpu(), target),
@@ -3300,3 +3450,199 @@ def show_predictions(image: Tensor, target: Dict[str, Tensor], prediction: Dict[
                                                   if image_id is not None else ""))
     fig.tight_layout()
     return fig
+
+
+# ─── 10. Course helpers: notebook set-up, showing code, checked exercises ──────────────────────
+# What the six notebooks share, so that none of them repeats it: the first cell's set-up, printing
+# the module's code where a notebook teaches it, and the checks of the exercises, which compare a
+# learner's function with the module's on random and edge-case inputs.
+
+
+def setup_notebook(seed: int = 0) -> Tuple[bool, torch.device]:
+    """Prepare a notebook in one call and return ``(fast, device)``.
+
+    Fast mode (``FRCNN_FAST=1``, the default without a GPU): the CPU, one thread (measured faster
+    and steadier for the course's small tensors on a shared 2-core machine), synthetic data, no
+    network. Full mode (``FRCNN_FAST=0``, the default with a GPU): ``DEVICE``, COCO from the hub
+    or from the folder ``FRCNN_COCO`` names, published weights. Seeds torch, NumPy and Python's
+    ``random``, sets a plain plot style, and prints one line saying which mode runs.
+    """
+    import matplotlib.pyplot as plt
+
+    fast = os.environ.get("FRCNN_FAST", "0" if torch.cuda.is_available() else "1") == "1"
+    device = torch.device("cpu") if fast else DEVICE
+    if fast:
+        torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    plt.rcParams.update({"figure.dpi": 80, "axes.grid": False})
+    print(f"{'FAST' if fast else 'FULL'} mode on {device} "
+          f"(set FRCNN_FAST={0 if fast else 1} before starting Jupyter to switch)")
+    return fast, device
+
+
+def coco_source() -> str:
+    """Where full mode reads COCO: the folder named by ``FRCNN_COCO`` (the official layout or the
+    hub's parquet files), else the hub's ``HUB_COCO``."""
+    folder = os.environ.get("FRCNN_COCO")
+    if folder and not os.path.isdir(folder):
+        raise FileNotFoundError(f"FRCNN_COCO={folder!r} is not a directory: point it at a COCO "
+                                "folder (annotations/ + val2017/) or at the hub's parquet files")
+    return folder or HUB_COCO
+
+
+def show_source(obj) -> None:
+    """Print the source code of a function or class of this module, where a notebook teaches it."""
+    import inspect
+
+    print(f"# frcnn_common.{obj.__qualname__}\n{inspect.getsource(obj)}")
+
+
+def outline_box(ax, box, colour: str = "yellow", label: Optional[str] = None, **style) -> None:
+    """Draw box ``[4]`` (x1, y1, x2, y2) as an unfilled rectangle on a matplotlib axis, with an
+    optional label at its top-left corner."""
+    import matplotlib.pyplot as plt
+
+    x1, y1, x2, y2 = [float(v) for v in box]
+    ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec=colour,
+                               lw=style.pop("lw", 2), **style))
+    if label:
+        ax.text(x1, y1, label, color="white", fontsize=8, va="bottom",
+                bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "edgecolor": "none"})
+
+
+def _first_difference(yours, reference, cases, compare) -> Optional[str]:
+    """Where ``yours`` and ``reference`` first disagree over ``cases`` (tuples of arguments)."""
+    for number, args in enumerate(cases):
+        try:
+            mine = yours(*args)
+        except Exception as err:  # noqa: BLE001 - a learner's error is a finding, not a crash
+            return f"input {number} {_show(args)} raised {type(err).__name__}: {err}"
+        expected = reference(*args)
+        if not compare(mine, expected):
+            return (f"input {number}: {_show(args)}\n  yours:    {_show(mine)}\n"
+                    f"  expected: {_show(expected)}")
+    return None
+
+
+def _show(value) -> str:
+    if isinstance(value, Tensor):
+        return f"tensor {list(value.shape)} {value.tolist()}" if value.numel() <= 24 else \
+            f"tensor {list(value.shape)} starting {value.flatten()[:8].tolist()}"
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(_show(v) for v in value) + ")"
+    return repr(value)
+
+
+def _close(a, b) -> bool:
+    a = torch.as_tensor(a, dtype=torch.float64)
+    b = torch.as_tensor(b, dtype=torch.float64)
+    return a.shape == b.shape and torch.allclose(a, b, atol=1e-4, rtol=1e-4, equal_nan=True)
+
+
+def _equal(a, b) -> bool:
+    return torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+
+
+def check_exercise(yours, reference, cases, compare=_close, name: Optional[str] = None) -> bool:
+    """Run ``yours`` and ``reference`` on every case and say where they first differ (the input
+    and both values) or that they agree. Returns True when they agree everywhere."""
+    name = name or getattr(reference, "__name__", "the module's function")
+    problem = _first_difference(yours, reference, cases, compare)
+    if problem:
+        print(f"Not yet: your function and {name} differ on {problem}")
+        return False
+    print(f"Correct: your function agrees with {name} on all {len(cases)} inputs.")
+    return True
+
+
+def random_boxes(n: int, size: float = 100.0, generator: Optional[torch.Generator] = None
+                 ) -> Tensor:
+    """``n`` random boxes ``[n, 4]`` inside a ``size`` x ``size`` image, each at least 1 px wide."""
+    xy = torch.rand(n, 2, generator=generator) * (size - 1)
+    wh = 1 + torch.rand(n, 2, generator=generator) * (size - xy).clamp(min=1) * 0.6
+    return torch.cat((xy, (xy + wh).clamp(max=size)), 1)
+
+
+def _box_cases(generator: torch.Generator) -> List[Tuple[Tensor, Tensor]]:
+    """Pairs of box sets: edge cases (identical, touching, nested, disjoint) and random ones."""
+    a = torch.tensor([[0.0, 0, 10, 10]])
+    edge = [(a, a.clone()), (a, torch.tensor([[10.0, 0, 20, 10]])),
+            (a, torch.tensor([[2.0, 2, 5, 5]])), (a, torch.tensor([[50.0, 50, 60, 70]]))]
+    return edge + [(random_boxes(4, generator=generator), random_boxes(5, generator=generator))
+                   for _ in range(6)]
+
+
+def check_box_iou(yours) -> bool:
+    """Exercise: ``yours(boxes_a [N, 4], boxes_b [M, 4]) -> [N, M]`` IoU, against :func:`box_iou`."""
+    return check_exercise(yours, box_iou, _box_cases(torch.Generator().manual_seed(0)))
+
+
+def check_encode_boxes(yours) -> bool:
+    """Exercise: ``yours(reference, gt_boxes, weights)`` against :func:`encode_boxes`."""
+    g = torch.Generator().manual_seed(1)
+    cases = [(random_boxes(6, generator=g), random_boxes(6, generator=g), weights)
+             for weights in ((1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)) for _ in range(3)]
+    return check_exercise(yours, encode_boxes, cases)
+
+
+def _anchor_grid(feature_size, stride: int, sizes, ratios) -> Tensor:
+    """The module's anchors for one level: what ``check_anchor_grid`` compares with."""
+    h, w = feature_size
+    return AnchorGenerator((tuple(sizes),), (tuple(ratios),))((h * stride, w * stride), [(h, w)])
+
+
+def check_anchor_grid(yours) -> bool:
+    """Exercise: ``yours((h, w), stride, sizes, ratios) -> [h * w * A, 4]`` anchors of one level
+    in :class:`AnchorGenerator`'s order, against it."""
+    cases = [((2, 3), 16, (32,), (0.5, 1.0, 2.0)), ((1, 1), 4, (32,), (1.0,)),
+             ((3, 2), 8, (16, 32), (0.5, 2.0)), ((4, 4), 32, (256,), (0.5, 1.0, 2.0))]
+    return check_exercise(yours, _anchor_grid, cases, name="AnchorGenerator")
+
+
+def check_nms(yours) -> bool:
+    """Exercise: ``yours(boxes, scores, iou_threshold) -> kept indices by decreasing score``,
+    against :func:`nms`."""
+    g = torch.Generator().manual_seed(2)
+    cases = [(torch.tensor([[0.0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]]),
+              torch.tensor([0.5, 0.9, 0.3]), 0.5)]
+    cases += [(random_boxes(12, 60, g), torch.rand(12, generator=g), t)
+              for t in (0.3, 0.5, 0.7) for _ in range(3)]
+    return check_exercise(yours, nms, cases, compare=_equal)
+
+
+def _level_of(boxes: Tensor) -> Tensor:
+    """The module's pyramid level (2..5) of each box, for ``check_level_mapper``."""
+    return ROIAlign().level_of(boxes, 2, 5) + 2
+
+
+def check_level_mapper(yours) -> bool:
+    """Exercise: ``yours(boxes [K, 4]) -> [K]`` pyramid level 2..5 of each box (FPN's rule),
+    against :meth:`ROIAlign.level_of`."""
+    sides = torch.tensor([8.0, 56, 111, 112, 113, 224, 447, 448, 1000])
+    edge = torch.stack((torch.zeros(9), torch.zeros(9), sides, sides), 1)
+    g = torch.Generator().manual_seed(3)
+    return check_exercise(yours, _level_of, [(edge,), (random_boxes(20, 800, g),)],
+                          compare=_equal, name="ROIAlign.level_of")
+
+
+def _ap_at(boxes, scores, gt_boxes, iou_threshold) -> float:
+    """The module's AP of one class in one image: what ``check_average_precision`` compares with."""
+    return average_precision(match_detections(boxes, scores, gt_boxes, iou_threshold), scores,
+                             len(gt_boxes))
+
+
+def check_average_precision(yours) -> bool:
+    """Exercise: ``yours(boxes, scores, gt_boxes, iou_threshold) -> AP`` of one class in one image,
+    COCO's 101-point rule, against :func:`match_detections` + :func:`average_precision`."""
+    g = torch.Generator().manual_seed(4)
+    gt = torch.tensor([[0.0, 0, 10, 10], [20, 20, 40, 40]])
+    cases = [(gt.clone(), torch.tensor([0.9, 0.8]), gt, 0.5),
+             (torch.cat((gt, gt[:1] + 0.5)), torch.tensor([0.9, 0.8, 0.95]), gt, 0.5)]
+    for t in (0.5, 0.75):
+        truth = random_boxes(4, 80, g)
+        guesses = torch.cat((truth + torch.randn(4, 4, generator=g) * 2, random_boxes(4, 80, g)))
+        cases.append((guesses, torch.rand(8, generator=g), truth, t))
+    return check_exercise(yours, _ap_at, cases, name="the module's AP")
+

@@ -29,8 +29,12 @@ from frcnn_common import (
 )
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's layout and shows every option's default."""
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("--data", choices=["shapes", "coco"], default="shapes",
                    help="synthetic shapes (offline) or the COCO 2017 train split")
     p.add_argument("--coco-source", default=HUB_COCO,
@@ -80,14 +84,27 @@ def main(argv=None) -> None:
     loader = make_loader(dataset, args.batch_size, num_workers=args.workers, seed=args.seed,
                          drop_last=True)
     try:
-        fit(model, loader, args.epochs, lr=args.lr, warmup_steps=args.warmup_steps,
+        history = fit(model, loader, args.epochs, lr=args.lr, warmup_steps=args.warmup_steps,
             schedule=args.schedule, steps_per_epoch=args.steps_per_epoch, device=info.device,
             amp=args.amp, max_grad_norm=args.max_grad_norm,
             gradient_checkpointing=args.gradient_checkpointing or None,
             checkpoint_path=args.checkpoint, checkpoint_every=args.checkpoint_every,
             resume=not args.no_resume)
+        if info.rank == 0:
+            print(summary(history, args.checkpoint), flush=True)
     finally:
         cleanup_distributed()
+
+
+def summary(history, checkpoint: str) -> str:
+    """Where the checkpoint went, and the mean losses of the run's last (up to) 50 steps."""
+    steps = len(history.get("total", []))
+    if steps == 0:
+        return f"No steps taken; checkpoint: {checkpoint}"
+    last = min(50, steps)
+    names = [k for k in history if k not in ("step", "epoch", "lr", "grad_norm", "skipped")]
+    losses = ", ".join(f"{k} {sum(history[k][-last:]) / last:.4f}" for k in names)
+    return f"{steps} steps in all; mean of the last {last}: {losses}\nCheckpoint: {checkpoint}"
 
 
 if __name__ == "__main__":

@@ -13,12 +13,14 @@ from common import report, side_by_side  # (also puts the repository root on sys
 import torch
 
 import frcnn_common as fc
+from twin import torchvision_twin
 
 
 def make_models():
     torch.manual_seed(0)
-    model = fc.fasterrcnn_resnet50_fpn(frozen_bn=True, trainable_layers=3)
-    return model, fc.torchvision_twin(model)
+    model = fc.fasterrcnn_resnet50_fpn(weights_backbone=fc.ResNet50().state_dict(), frozen_bn=True,
+                                      trainable_layers=3)
+    return model, torchvision_twin(model)
 
 
 def inference(model, twin, size, repeats):

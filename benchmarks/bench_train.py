@@ -36,6 +36,7 @@ from common import ROOT, report, side_by_side
 import torch
 
 import frcnn_common as fc
+from twin import torchvision_twin
 
 CPU = torch.device("cpu")
 
@@ -67,12 +68,13 @@ def resnet50_fpn():
     """Our ResNet-50 + FPN as it is fine-tuned from ImageNet weights (frozen BatchNorm, layer2..
     layer4 trainable), randomly initialised: no download."""
     torch.manual_seed(0)
-    return fc.fasterrcnn_resnet50_fpn(frozen_bn=True, trainable_layers=3)
+    return fc.fasterrcnn_resnet50_fpn(weights_backbone=fc.ResNet50().state_dict(), frozen_bn=True,
+                                      trainable_layers=3)
 
 
 def throughput(repeats: int) -> None:
     ours = resnet50_fpn()
-    theirs = TorchvisionLosses(fc.torchvision_twin(ours), ours.num_classes)
+    theirs = TorchvisionLosses(torchvision_twin(ours), ours.num_classes)
     images, targets = batch_of_shapes(2, 416)
 
     def step_fn(model):

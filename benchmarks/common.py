@@ -6,8 +6,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for folder in (ROOT, os.path.join(ROOT, "tests")):  # the module, and the tests' reference tooling
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
 
 
 def side_by_side(fns, repeats, warmup=2):

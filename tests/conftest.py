@@ -115,6 +115,17 @@ def write_coco_layout(root, scenes=SCENES, split="val"):
     return root
 
 
+@pytest.fixture(scope="session")
+def resnet50_state():
+    """Random ResNet-50 weights as a state dict: given as ``weights``, they count as pretrained
+    (so stages can be frozen) without a download."""
+    import torch
+    from frcnn_common import ResNet50
+
+    torch.manual_seed(0)
+    return ResNet50().state_dict()
+
+
 @pytest.fixture
 def hub_dataset():
     return make_hub_dataset()

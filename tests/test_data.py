@@ -300,12 +300,18 @@ def assert_names_offline_sources(message):
         assert alternative in message
 
 
+HANG_LIMIT_S = 15
+"""A failure that takes longer than this counts as a hang. Left alone, ``datasets`` retries an
+unreachable hub for tens of seconds and a silent server blocks forever; the module answers in about
+the 1-5 s of its own timeout. The margin is for a loaded CI machine importing ``datasets``."""
+
+
 def test_hub_offline_mode_fails_fast(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
     with pytest.raises(ConnectionError) as error:
         COCOStreamDataset("val")
-    assert time.perf_counter() - start < 3
+    assert time.perf_counter() - start < HANG_LIMIT_S
     assert_names_offline_sources(str(error.value))
 
 
@@ -320,7 +326,7 @@ def test_hub_that_never_answers_fails_within_the_timeout(monkeypatch):
         start = time.perf_counter()
         with pytest.raises(ConnectionError) as error:
             COCOStreamDataset("train", hub_timeout=1.0)
-        assert time.perf_counter() - start < 3
+        assert time.perf_counter() - start < HANG_LIMIT_S
     assert_names_offline_sources(str(error.value))
 
 
@@ -334,7 +340,7 @@ def test_hub_refusing_connections_fails_fast(monkeypatch):
     start = time.perf_counter()
     with pytest.raises(ConnectionError, match="unreachable"):
         COCOStreamDataset("val")
-    assert time.perf_counter() - start < 3
+    assert time.perf_counter() - start < HANG_LIMIT_S
     with pytest.raises(ConnectionError, match="no local directory either"):
         COCOStreamDataset("val", source="my/coco")
 
@@ -398,16 +404,16 @@ def test_synthetic_flip_and_loader():
     assert 0 < flipped < 16
     loader = DataLoader(plain, batch_size=4, num_workers=2, collate_fn=frcnn_collate_fn)
     images, targets = next(iter(loader))
-    assert images.shape == (4, 3, 64, 64) and len(targets) == 4
+    assert [image.shape for image in images] == [(3, 64, 64)] * 4 and len(targets) == 4
     torch.testing.assert_close(images[1], plain[1][0])
 
 
 def test_synthetic_is_fast():
     data = SyntheticShapesDataset(100, image_size=128)
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time of this process: other processes cannot inflate it
     for i in range(100):
         data[i]
-    assert (time.perf_counter() - start) / 100 < 0.02  # seconds per image, generous for CI
+    assert (time.process_time() - start) / 100 < 0.02  # seconds per image, ~10x what it takes
 
 
 def test_synthetic_resize_options():
@@ -420,21 +426,16 @@ def test_synthetic_resize_options():
 # ─── collate ─────────────────────────────────────────────────────────────────────────────────
 
 
-def test_collate_pads_mixed_sizes_to_multiples_of_32():
+def test_collate_keeps_each_image_at_its_own_size():
     a, b = torch.randn(3, 50, 70), torch.randn(3, 64, 40)
     targets = [{"boxes": torch.zeros(0, 4)}, {"boxes": torch.ones(1, 4)}]
     images, out = frcnn_collate_fn([(a, targets[0]), (b, targets[1])])
-    assert images.shape == (2, 3, 64, 96) and out == targets
-    torch.testing.assert_close(images[0, :, :50, :70], a)
-    torch.testing.assert_close(images[1, :, :64, :40], b)
-    assert images[0, :, 50:].abs().sum() == 0 and images[1, :, :, 40:].abs().sum() == 0
-    same, _ = frcnn_collate_fn([(a, {}), (a.clone(), {})])
-    assert same.shape == (2, 3, 50, 70)  # one size: stacked as it is
+    assert isinstance(images, list) and out == targets
+    assert images[0] is a and images[1] is b
 
 
 def test_collate_with_stream_of_mixed_sizes(hub_dataset):
     data = COCOStreamDataset("val", source=hub_dataset, min_size=80)
     images, targets = next(iter(DataLoader(data, batch_size=3, collate_fn=frcnn_collate_fn)))
-    assert images.shape[0] == 3 and images.shape[2] % 32 == 0 and images.shape[3] % 32 == 0
     assert [int(t["image_id"]) for t in targets] == [101, 102, 103]
-    assert np.all([t["size"][0] <= images.shape[2] for t in targets])
+    assert [tuple(image.shape[-2:]) for image in images] == [tuple(t["size"].tolist()) for t in targets]

@@ -10,14 +10,19 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBN
 
 import frcnn_common as fc
+from twin import torchvision_twin
 
 
 def make_pair(seed=0, num_classes=fc.NUM_CLASSES, **kwargs):
     """Our detector with random weights (statistics included) and torchvision's twin of it.
 
-    The classifier is scaled up so that random weights still give confident detections."""
+    The backbone's random weights are passed as "pretrained" ones, so that stages can be frozen as
+    with real weights; the classifier gets large weights so that random features still give
+    confident detections."""
     torch.manual_seed(seed)
-    model = fc.fasterrcnn_resnet50_fpn(num_classes, frozen_bn=True, trainable_layers=3, **kwargs)
+    backbone_state = fc.ResNet50().state_dict()
+    model = fc.fasterrcnn_resnet50_fpn(num_classes, weights_backbone=backbone_state, frozen_bn=True,
+                                       trainable_layers=3, **kwargs)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, fc.FrozenBatchNorm2d):
@@ -25,8 +30,9 @@ def make_pair(seed=0, num_classes=fc.NUM_CLASSES, **kwargs):
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.normal_(1.0, 0.1)
                 m.bias.normal_(0, 0.1)
-        model.roi_heads.predictor.cls_score.weight.mul_(20)  # confident, yet no two scores tie
-    return model.eval(), fc.torchvision_twin(model).eval()
+        model.roi_heads.predictor.cls_score.weight.normal_(0, 0.2)  # confident, yet no ties
+        model.roi_heads.predictor.cls_score.bias.zero_()
+    return model.eval(), torchvision_twin(model).eval()
 
 
 @pytest.fixture(scope="module")
@@ -79,15 +85,14 @@ def test_anchors_equal_torchvision(pair, size):
     shapes = [(-(-size[0] // s), -(-size[1] // s)) for s in (4, 8, 16, 32, 64)]  # ceil, as the convs
     features = [torch.zeros(1, 256, h, w) for h, w in shapes]
     theirs = twin.rpn.anchor_generator(ImageList(batch, [size]), features)[0]
-    ours, strides = model.rpn.anchor_generator(size, shapes)
-    # the stride is image size // feature size, as in torchvision: 800 // 13 = 61 for P6 at 800 px
-    assert strides == [4, 8, 16, 32, 64 if size[0] % 64 == 0 else size[0] // shapes[-1][0]]
+    ours = model.rpn.anchor_generator(size, shapes)
+    # equal also at 800 px, where P6's stride is image size // feature size = 800 // 13 = 61
     assert torch.equal(ours, theirs)
 
 
 def test_anchor_layout_matches_the_docstring():
     generator = fc.AnchorGenerator(((32,),), ((0.5, 1.0, 2.0),))
-    anchors, _ = generator((64, 64), [(2, 2)])
+    anchors = generator((64, 64), [(2, 2)])
     # ratio 0.5 (h/w) is wide: w = 32 / sqrt(0.5) = 45.25 -> half-width 22.6 rounds to 23
     assert anchors[:3].tolist() == [[-23.0, -11.0, 23.0, 11.0], [-16.0, -16.0, 16.0, 16.0],
                                     [-11.0, -23.0, 11.0, 23.0]]
@@ -179,12 +184,45 @@ def test_training_losses_and_gradients_equal_torchvision(images):
                                    msg=lambda m: f"{name}: {m}")
 
 
+def test_training_on_a_mixed_size_batch_equals_torchvision_given_the_list():
+    """Images of different sizes go through collate as a list; the model pads them itself and
+    clips proposals to each image's own size, exactly as torchvision's model does."""
+    model, twin = make_pair(seed=4)
+    model.train(), twin.train()
+    torch.manual_seed(2)
+    samples = [(torch.randn(3, 200, 260), {"boxes": torch.tensor([[10.0, 20, 120, 150]]),
+                                           "labels": torch.tensor([3])}),
+               (torch.randn(3, 160, 300), {"boxes": torch.tensor([[150.0, 30, 290, 150]]),
+                                           "labels": torch.tensor([7])})]
+    images, targets = fc.frcnn_collate_fn(samples)
+    image_list, _ = twin.transform(images, targets)
+    assert image_list.image_sizes == [(200, 260), (160, 300)]
+    torch.manual_seed(7)
+    features = twin.backbone(image_list.tensors)
+    their_proposals, rpn_losses = twin.rpn(image_list, features, targets)
+    _, roi_losses = twin.roi_heads(features, their_proposals, image_list.image_sizes, targets)
+    torch.manual_seed(7)
+    ours = model(images, targets)
+    for ours_name, theirs_value in zip(("rpn_cls", "rpn_box", "roi_cls", "roi_box"),
+                                       [*rpn_losses.values(), *roi_losses.values()]):
+        torch.testing.assert_close(ours[ours_name], theirs_value, atol=1e-6, rtol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        _, our_proposals = model(images)
+    twin.eval()
+    with torch.no_grad():
+        their_proposals, _ = twin.rpn(image_list, twin.backbone(image_list.tensors))
+    for ours_p, theirs_p, (h, w) in zip(our_proposals, their_proposals, image_list.image_sizes):
+        torch.testing.assert_close(ours_p, theirs_p)
+        assert ours_p[:, 2].max() <= w and ours_p[:, 3].max() <= h  # not the padded canvas
+
+
 # ─── torchvision's weights ─────────────────────────────────────────────────────────────────────
 
 
 def test_from_torchvision_reads_old_and_new_key_names_and_maps_coco_ids(pair, images):
     model, _ = pair
-    twin91 = fc.torchvision_twin(model, map_coco_classes=True)
+    twin91 = torchvision_twin(model, map_coco_classes=True)
     state = twin91.state_dict()
     assert state["roi_heads.box_predictor.cls_score.weight"].shape[0] == 91
     old_names = {re.sub(r"(_blocks\.\d+)\.0\.", r"\1.", k.replace("rpn.head.conv.0.0.", "rpn.head.conv.")): v
@@ -210,32 +248,63 @@ def test_from_torchvision_reads_old_and_new_key_names_and_maps_coco_ids(pair, im
 
 def test_from_torchvision_keeps_a_fine_tuned_head_size(pair):
     model, _ = pair
-    state = fc.torchvision_twin(model).state_dict()
+    state = torchvision_twin(model).state_dict()
     state = {k: (v[:5] if "box_predictor.cls_score" in k else v[:20] if "box_predictor.bbox_pred" in k else v)
              for k, v in state.items()}
     assert fc.FasterRCNN.from_torchvision(state).num_classes == 5
 
 
-def test_named_weights_offline_fail_fast_with_the_way_out(monkeypatch, tmp_path):
+HANG_LIMIT_S = 15
+"""A failure that takes longer than this counts as a hang (an offline download would retry for
+minutes); the module's probe gives up after 5 s. The margin is for a loaded CI machine."""
+
+
+def _offline(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # nothing cached
 
     def unreachable(*args, **kwargs):
         raise OSError("Network is unreachable")
 
     monkeypatch.setattr(socket, "create_connection", unreachable)
+
+
+def test_named_weights_offline_fail_fast_with_the_way_out(monkeypatch, tmp_path):
+    _offline(monkeypatch, tmp_path)
     start = time.monotonic()
     with pytest.raises(ConnectionError, match="weights=None"):
         fc.ResNet50("IMAGENET1K_V1")
     with pytest.raises(ConnectionError, match="download.pytorch.org"):
         fc.FasterRCNN.from_torchvision("COCO_V1")
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < HANG_LIMIT_S
+
+
+def test_the_offline_advice_works_when_followed(monkeypatch, tmp_path):
+    """Each way out an offline error names is followed, as written, and works."""
+    _offline(monkeypatch, tmp_path)
+    with pytest.raises(ConnectionError) as error:
+        fc.fasterrcnn_resnet50_fpn(weights_backbone="IMAGENET1K_V1")
+    advice = str(error.value)
+    assert "weights_backbone=None" in advice and "weights_backbone=<the path" in advice
+    assert fc.fasterrcnn_resnet50_fpn(weights_backbone=None).num_classes == fc.NUM_CLASSES
+    path = tmp_path / "resnet50.pt"
+    torch.save(fc.ResNet50().state_dict(), path)
+    model = fc.fasterrcnn_resnet50_fpn(weights_backbone=str(path))
+    assert not model.backbone.layer1[0].conv1.weight.requires_grad  # pretrained: 3 stages train
+    with pytest.raises(ConnectionError) as error:
+        fc.FasterRCNN.from_torchvision("COCO_V1")
+    assert "state_dict=<the path" in str(error.value) and "None" not in str(error.value)
+    saved = tmp_path / "coco.pt"
+    torch.save(torchvision_twin(model).state_dict(), saved)
+    assert fc.FasterRCNN.from_torchvision(str(saved)).num_classes == fc.NUM_CLASSES
+    with pytest.raises(ValueError, match="state_dict=None: from_torchvision needs weights"):
+        fc.FasterRCNN.from_torchvision(None)
 
 
 def test_a_connection_that_hangs_is_cut_off(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(30))
     start = time.monotonic()
     assert "no answer within 0.5 s" in fc.unreachable_reason("https://example.org/x", timeout=0.5)
-    assert time.monotonic() - start < 3
+    assert time.monotonic() - start < HANG_LIMIT_S
 
 
 def test_backbone_weights_load_from_a_file_and_unknown_names_are_refused(tmp_path):
@@ -257,8 +326,8 @@ def test_backbone_weights_load_from_a_file_and_unknown_names_are_refused(tmp_pat
 
 
 @pytest.mark.parametrize("trainable, first_trained", [(0, None), (1, "layer4"), (3, "layer2"), (5, "conv1")])
-def test_trainable_layers_freeze_the_stages_below(trainable, first_trained):
-    backbone = fc.ResNet50(trainable_layers=trainable, frozen_bn=True)
+def test_trainable_layers_freeze_the_stages_below(resnet50_state, trainable, first_trained):
+    backbone = fc.ResNet50(resnet50_state, trainable_layers=trainable, frozen_bn=True)
     trained = [n for n, p in backbone.named_parameters() if p.requires_grad]
     order = ["conv1", "layer1", "layer2", "layer3", "layer4"]
     stages = {n.split(".")[0] for n in trained}
@@ -267,10 +336,16 @@ def test_trainable_layers_freeze_the_stages_below(trainable, first_trained):
         assert first_trained in stages
 
 
-def test_a_trainable_stem_trains_its_batchnorm_too():
-    backbone = fc.ResNet50(trainable_layers=5, frozen_bn=False)  # from scratch: ordinary BatchNorm
+def test_a_trainable_stem_trains_its_batchnorm_too(resnet50_state):
+    backbone = fc.ResNet50(resnet50_state, trainable_layers=5, frozen_bn=False)
     assert backbone.bn1.weight.requires_grad and isinstance(backbone.bn1, torch.nn.BatchNorm2d)
-    assert not fc.ResNet50(trainable_layers=4, frozen_bn=False).bn1.weight.requires_grad
+    assert not fc.ResNet50(resnet50_state, trainable_layers=4, frozen_bn=False).bn1.weight.requires_grad
+
+
+def test_trainable_layers_without_weights_warns_and_trains_everything():
+    with pytest.warns(UserWarning, match="no effect without pretrained weights"):
+        backbone = fc.ResNet50(trainable_layers=2)
+    assert all(p.requires_grad for p in backbone.parameters())
 
 
 def test_frozen_batchnorm_changes_nothing_in_training():
