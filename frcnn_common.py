@@ -2463,11 +2463,6 @@ def _to_device(images, targets, device: torch.device):
     return images, targets
 
 
-def _record(history: Dict[str, List[float]], record: Dict[str, float]) -> None:
-    for key, value in record.items():
-        history.setdefault(key, []).append(value)
-
-
 # ---------------------------------------------------------------------------------------------
 # One epoch
 
@@ -2528,14 +2523,84 @@ def train_one_epoch(
     amp_dtype = _amp_dtype(device, amp)
     if amp_dtype == torch.float16 and scaler is None:
         scaler = torch.amp.GradScaler("cuda")
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    distributed = _is_distributed()
     model.train()
+    batches = _epoch_batches(loader, state)
+    first = len(state.history.get("step", []))
+    bar = tqdm(total=_epoch_length(loader, max_steps), initial=state.batch_in_epoch,
+               desc=f"epoch {state.epoch}", disable=not (progress and _is_main_process()),
+               dynamic_ncols=True)
+    running: Dict[str, float] = {}
+    while max_steps is None or state.batch_in_epoch < max_steps:
+        try:
+            images, targets = next(batches)
+        except StopIteration:
+            break
+        images, targets = _to_device(images, targets, device)
+        lr = optimizer.param_groups[0]["lr"]
+        losses, grad_norm, finite = train_step(model, images, targets, optimizer, scheduler,
+                                               scaler=scaler, amp_dtype=amp_dtype,
+                                               max_grad_norm=max_grad_norm)
+        record = {"step": state.step + 1, "epoch": state.epoch, "lr": lr, **losses,
+                  "grad_norm": grad_norm, "skipped": float(not finite)}
+        _count_step(state, record, finite, max_bad_steps, bar)
+        bar.set_postfix(_running_postfix(running, losses, finite, lr, state), refresh=False)
+        bar.update(1)
+        if on_step is not None:
+            on_step(state)
+    bar.close()
+    return {key: values[first:] for key, values in state.history.items()}
 
-    # Reproducible data order: the loader's shuffling and its workers' seeds are drawn from the
-    # global generator when the epoch starts, so a run resumed mid-epoch restores that state,
-    # replays the epoch's first batches without training on them, then restores the state saved
-    # at the checkpoint.
+
+def train_step(model: nn.Module, images, targets, optimizer: torch.optim.Optimizer,
+               scheduler=None, *, scaler: Optional[torch.amp.GradScaler] = None,
+               amp_dtype: Optional[torch.dtype] = None, max_grad_norm: Optional[float] = None
+               ) -> Tuple[Dict[str, float], float, bool]:
+    """One optimiser step: forward under autocast, backward, gradient norm (clipped to
+    ``max_grad_norm`` if given), then the update unless a loss or the gradient is not finite,
+    and the schedule. Returns the losses and the gradient norm as floats (averaged over the
+    ranks under DDP, so that every rank skips the same steps) and whether the step was taken."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    with torch.autocast(_device_type(images), dtype=amp_dtype or torch.float32,
+                        enabled=amp_dtype is not None):
+        losses = model(images, targets)
+    if scaler is not None:
+        scaler.scale(losses["total"]).backward()
+        scaler.unscale_(optimizer)
+    else:
+        losses["total"].backward()
+    if max_grad_norm is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    values = torch.stack([loss.detach().float() for loss in losses.values()] + [grad_norm.float()])
+    if _is_distributed():  # a NaN on any rank becomes a NaN on every rank
+        dist.all_reduce(values)
+        values = values / dist.get_world_size()
+    values = values.tolist()  # the one device sync of the step
+    finite = all(math.isfinite(v) for v in values)
+    if finite and scaler is not None:
+        scaler.step(optimizer)
+    elif finite:
+        optimizer.step()
+    if scaler is not None:
+        scaler.update()  # lowers the loss scale after an overflow
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
+    return dict(zip(losses, values[:-1])), values[-1], finite
+
+
+def _device_type(images) -> str:
+    return (images if isinstance(images, Tensor) else images[0]).device.type
+
+
+def _epoch_batches(loader, state: TrainState) -> Iterator:
+    """The loader's batches from ``state.batch_in_epoch`` on, in the order of an uninterrupted run.
+
+    The loader's shuffling and its workers' seeds are drawn from the global generator when the
+    epoch starts; so a run resumed mid-epoch restores that state, replays the epoch's first
+    batches without training on them, then restores the state saved at the checkpoint.
+    """
     if state.batch_in_epoch == 0:
         if state.resume_rng is not None:
             set_rng_state(state.resume_rng)
@@ -2549,108 +2614,59 @@ def train_one_epoch(
     if state.resume_rng is not None:
         set_rng_state(state.resume_rng)
         state.resume_rng = None
+    return batches
 
+
+def _epoch_length(loader, max_steps: Optional[int]) -> Optional[int]:
+    """Batches in the epoch, for the progress bar: ``None`` for a stream without a length."""
     try:
         length = len(loader)
     except TypeError:
         length = None
     if max_steps is not None:
         length = max_steps if length is None else min(length, max_steps)
-    bar = tqdm(
-        total=length,
-        initial=state.batch_in_epoch,
-        desc=f"epoch {state.epoch}",
-        disable=not (progress and _is_main_process()),
-        dynamic_ncols=True,
-    )
-    history: Dict[str, List[float]] = {}
-    running: Dict[str, float] = {}
-    while max_steps is None or state.batch_in_epoch < max_steps:
-        try:
-            images, targets = next(batches)
-        except StopIteration:
-            break
-        images, targets = _to_device(images, targets, device)
-        lr = optimizer.param_groups[0]["lr"]
+    return length
 
-        autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                  enabled=amp_dtype is not None)
-        with autocast:
-            losses = model(images, targets)
-        if scaler is not None:
-            scaler.scale(losses["total"]).backward()
-            scaler.unscale_(optimizer)
-        else:
-            losses["total"].backward()
-        grads = [p.grad for p in params if p.grad is not None]
-        if max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm(grads)
-        names = list(losses)
-        values = torch.stack([losses[k].detach().float() for k in names] + [grad_norm.float()])
-        if distributed:  # average over ranks: logs show the global loss, and all ranks agree
-            dist.all_reduce(values)  # on skipping (a NaN anywhere is a NaN everywhere)
-            values = values / dist.get_world_size()
-        values = values.tolist()  # the one device sync of the step
-        record = dict(zip(names, values[:-1]))
-        finite = all(math.isfinite(v) for v in values)
 
-        if finite and scaler is not None:
-            scaler.step(optimizer)
-        elif finite:
-            optimizer.step()
-        if scaler is not None:
-            scaler.update()  # lowers the loss scale after an overflow
-        optimizer.zero_grad(set_to_none=True)
-        if scheduler is not None:
-            scheduler.step()
+def _count_step(state: TrainState, record: Dict[str, float], finite: bool, max_bad_steps: int,
+                bar) -> None:
+    """Advance ``state`` by one step, record it, and report a skipped one; raise
+    :class:`NonFiniteLossError` after ``max_bad_steps`` skipped steps in a row."""
+    state.step += 1
+    state.batch_in_epoch += 1
+    state.bad_in_row = 0 if finite else state.bad_in_row + 1
+    state.skipped_steps += 0 if finite else 1
+    for key, value in record.items():
+        state.history.setdefault(key, []).append(value)
+    if finite:
+        return
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("step", "epoch"))
+    if _is_main_process():
+        tqdm.write(f"step {state.step}: non-finite loss or gradient ({shown}); update skipped "
+                   f"({state.bad_in_row} in a row, {state.skipped_steps} in this run)",
+                   file=sys.stderr)
+    if state.bad_in_row >= max_bad_steps:
+        bar.close()
+        raise NonFiniteLossError(
+            f"{state.bad_in_row} training steps in a row had a non-finite loss or gradient "
+            f"(last: {shown}). Their updates were skipped, so the weights are those of step "
+            f"{state.step - state.bad_in_row}. Fix: lower the learning rate or lengthen the "
+            "warm-up, clip gradients (max_grad_norm=10.0), try amp=False, and check the data for "
+            "boxes with zero or negative width or height."
+        )
 
-        state.step += 1
-        state.batch_in_epoch += 1
-        if finite:
-            state.bad_in_row = 0
-        else:
-            state.skipped_steps += 1
-            state.bad_in_row += 1
-            if _is_main_process():
-                shown = ", ".join(f"{k}={v:.4g}" for k, v in record.items())
-                tqdm.write(
-                    f"step {state.step}: non-finite loss or gradient ({shown}, "
-                    f"grad_norm={values[-1]:.4g}); update skipped "
-                    f"({state.bad_in_row} in a row, {state.skipped_steps} in this run)",
-                    file=sys.stderr,
-                )
-        record = {"step": state.step, "epoch": state.epoch, "lr": lr, **record,
-                  "grad_norm": values[-1], "skipped": float(not finite)}
-        _record(history, record)
-        _record(state.history, record)
 
-        if finite:
-            for key in names:
-                old = running.get(key, record[key])
-                running[key] = 0.9 * old + 0.1 * record[key]
-        postfix = {k: f"{v:.3f}" for k, v in running.items()}
-        postfix["lr"] = f"{lr:.2g}"
-        if state.skipped_steps:
-            postfix["skipped"] = state.skipped_steps
-        bar.set_postfix(postfix, refresh=False)
-        bar.update(1)
-
-        if state.bad_in_row >= max_bad_steps:
-            bar.close()
-            raise NonFiniteLossError(
-                f"{state.bad_in_row} training steps in a row had a non-finite loss or gradient "
-                f"(last: {', '.join(f'{k}={v:.4g}' for k, v in record.items())}). Their updates "
-                f"were skipped, so the weights are those of step {state.step - state.bad_in_row}. "
-                "Fix: lower the learning rate or lengthen the warm-up, clip gradients "
-                "(max_grad_norm=10.0), try amp=False, and check the data for boxes with zero or "
-                "negative width or height."
-            )
-        if on_step is not None:
-            on_step(state)
-    bar.close()
-    return history
+def _running_postfix(running: Dict[str, float], losses: Dict[str, float], finite: bool,
+                     lr: float, state: TrainState) -> Dict[str, str]:
+    """The progress bar's text: exponential moving averages of the losses, lr, skipped steps."""
+    if finite:
+        for key, value in losses.items():
+            running[key] = 0.9 * running.get(key, value) + 0.1 * value
+    postfix = {k: f"{v:.3f}" for k, v in running.items()}
+    postfix["lr"] = f"{lr:.2g}"
+    if state.skipped_steps:
+        postfix["skipped"] = str(state.skipped_steps)
+    return postfix
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,25 +42,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=2048, help="synthetic images per epoch")
     p.add_argument("--image-size", type=int, default=None,
                    help="synthetic image side / COCO shorter side (default 128 / IMG_SIZE)")
-    p.add_argument("--model", choices=["tiny", "resnet50_fpn"], default="tiny")
+    p.add_argument("--model", choices=["tiny", "resnet50_fpn"], default="tiny",
+                   help="the small shapes detector or ResNet-50 + FPN")
     p.add_argument("--weights-backbone", default=None, help="e.g. IMAGENET1K_V1 for resnet50_fpn")
     p.add_argument("--trainable-layers", type=int, default=None,
                    help="backbone stages trained (default 3 with --weights-backbone, 5 without)")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=1, help="epochs in all (a resumed run included)")
     p.add_argument("--steps-per-epoch", type=int, default=None,
                    help="batches per epoch (required for the COCO stream)")
     p.add_argument("--batch-size", type=int, default=8, help="images per process and step")
-    p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--warmup-steps", type=int, default=None)
-    p.add_argument("--schedule", choices=["cosine", "step"], default="cosine")
-    p.add_argument("--max-grad-norm", type=float, default=None)
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--checkpoint", default="runs/train.pt")
-    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--lr", type=float, default=0.02,
+                   help="peak learning rate (0.02 is torchvision's for 16 images per step)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warm-up steps (None: min(1000, total // 10))")
+    p.add_argument("--schedule", choices=["cosine", "step"], default="cosine",
+                   help="learning-rate decay after the warm-up")
+    p.add_argument("--max-grad-norm", type=float, default=None,
+                   help="clip the gradient's L2 norm (None: no clipping)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the backbone's top stages in backward (less memory)")
+    p.add_argument("--checkpoint", default="runs/train.pt",
+                   help="checkpoint file, written every epoch and resumed from")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="also write the checkpoint every N steps")
     p.add_argument("--no-resume", action="store_true", help="start over even if --checkpoint exists")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and the weights")
     return p.parse_args(argv)
 
 

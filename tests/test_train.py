@@ -288,6 +288,72 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
+def test_a_corrupt_file_or_a_folder_is_named_with_what_is_wrong(tmp_path):
+    bad = tmp_path / "cut.pt"
+    save_checkpoint(str(bad), ToyDetector())
+    bad.write_bytes(bad.read_bytes()[:200])  # a truncated copy
+    with pytest.raises(ValueError) as error:
+        load_checkpoint(str(bad), ToyDetector())
+    message = str(error.value)
+    assert str(bad) in message and "corrupt" in message and "weights_only=False" not in message
+    with pytest.raises(IsADirectoryError, match=r"is a directory.*cut\.pt"):
+        load_checkpoint(str(tmp_path), ToyDetector())
+
+
+def test_resuming_with_more_epochs_replans_the_schedule_without_a_zero_step(tmp_path, capsys):
+    path = str(tmp_path / "run.pt")
+    loader = make_loader(toy_data(4), 2, shuffle=False)
+    settings = dict(lr=0.1, warmup_steps=0, checkpoint_path=path, device=CPU, amp=False)
+    fit(ToyDetector(), loader, 1, progress=False, **settings)  # 2 steps, cosine down to lr 0
+    history = fit(ToyDetector(), loader, 2, progress=True, **settings)
+    said = capsys.readouterr().err
+    assert "planned over 2 steps and now spans 4" in said
+    later = history["lr"][2:]
+    assert len(later) == 2 and min(later) > 0  # no step at the old schedule's final rate of 0
+    assert later[0] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 2 / 4)))
+
+
+def test_a_finished_run_restarted_says_there_is_nothing_to_train(tmp_path, capsys):
+    path = str(tmp_path / "done.pt")
+    loader = make_loader(toy_data(4), 2, shuffle=False)
+    settings = dict(checkpoint_path=path, device=CPU, amp=False, progress=True)
+    fit(ToyDetector(), loader, 1, **settings)
+    capsys.readouterr()
+    history = fit(ToyDetector(), loader, 1, **settings)
+    said = capsys.readouterr().err
+    assert "Nothing to train" in said and "1 epochs" in said and "Resuming" not in said
+    assert len(history["total"]) == 2  # the finished run's history, nothing added
+
+
+def test_a_checkpoint_of_two_processes_resumed_by_one_warns(tmp_path):
+    path = str(tmp_path / "two.pt")
+    save_checkpoint(path, ToyDetector(), state=TrainState(step=1))
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["rng"] = checkpoint["rng"] * 2  # as if gathered from two ranks
+    checkpoint["epoch_rng"] = checkpoint["epoch_rng"] * 2
+    torch.save(checkpoint, path)
+    with pytest.warns(UserWarning, match="run of 2 processes and is resumed by 1"):
+        load_checkpoint(path, ToyDetector())
+
+
+def test_train_py_help_shows_defaults_and_a_run_says_where_its_checkpoint_went(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "train.py")
+    shown = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
+    assert "(default: 0.02)" in shown.stdout
+    path = str(tmp_path / "cli.pt")
+    args = [sys.executable, script, "--num-images", "4", "--image-size", "64", "--batch-size", "2",
+            "--no-amp", "--checkpoint", path]
+    run = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert f"Checkpoint: {path}" in run.stdout and "mean of the last 2" in run.stdout
+    again = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
+    assert "Nothing to train" in again.stderr
+
+
 # ── model switches and AMP ───────────────────────────────────────────────────────────────────
 
 

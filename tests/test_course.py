@@ -1,0 +1,156 @@
+"""The course helpers of section 10 and the evaluation functions the notebooks teach with: each
+exercise checker accepts the module's own answer and rejects a typical wrong one."""
+
+import os
+
+import pytest
+import torch
+
+import frcnn_common as fc
+
+
+# ─── exercise checkers: each rejects a typical wrong answer ───────────────────────────────────
+
+
+def iou_with_plus_one(a, b):
+    """The old "+1 pixel" convention (a box from 0 to 10 is 11 pixels wide)."""
+    def area(x):
+        return (x[:, 2] - x[:, 0] + 1) * (x[:, 3] - x[:, 1] + 1)
+    top_left = torch.max(a[:, None, :2], b[None, :, :2])
+    bottom_right = torch.min(a[:, None, 2:], b[None, :, 2:])
+    wh = (bottom_right - top_left + 1).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area(a)[:, None] + area(b)[None] - inter)
+
+
+def nms_in_index_order(boxes, scores, threshold):
+    """Greedy NMS that forgets to visit the boxes by decreasing score."""
+    keep = []
+    for i in range(len(boxes)):
+        if all(fc.box_iou(boxes[i:i + 1], boxes[j:j + 1]).item() <= threshold for j in keep):
+            keep.append(i)
+    return torch.tensor(keep, dtype=torch.int64)
+
+
+def nms_by_score(boxes, scores, threshold):
+    """The correct greedy loop, as the solution in notebook 03 writes it."""
+    keep = []
+    for i in torch.sort(scores, descending=True, stable=True).indices.tolist():
+        if all(fc.box_iou(boxes[i:i + 1], boxes[j:j + 1]).item() <= threshold for j in keep):
+            keep.append(i)
+    return torch.tensor(keep, dtype=torch.int64)
+
+
+def encode_without_weights(reference, gt, weights):
+    return fc.encode_boxes(reference, gt)  # ignores the (10, 10, 5, 5) normalisation
+
+
+def anchors_with_half_stride_offset(feature_size, stride, sizes, ratios):
+    anchors = fc._anchor_grid(feature_size, stride, sizes, ratios)
+    return anchors + stride / 2  # centred on the cells, not on their corners as torchvision
+
+
+def level_rounded(boxes):
+    size = fc.box_area(boxes).sqrt()
+    return torch.round(4 + torch.log2(size / 224)).clamp(2, 5).long()
+
+
+def ap_counting_duplicates(boxes, scores, gt_boxes, iou_threshold):
+    """AP where every detection overlapping some object counts as correct, duplicates too."""
+    hits = (fc.box_iou(boxes, gt_boxes).max(1).values >= iou_threshold) if len(gt_boxes) else \
+        torch.zeros(len(boxes), dtype=torch.bool)
+    return fc.average_precision(hits, scores, len(gt_boxes))
+
+
+@pytest.mark.parametrize("checker, right, wrong", [
+    (fc.check_box_iou, fc.box_iou, iou_with_plus_one),
+    (fc.check_nms, nms_by_score, nms_in_index_order),
+    (fc.check_encode_boxes, fc.encode_boxes, encode_without_weights),
+    (fc.check_anchor_grid, fc._anchor_grid, anchors_with_half_stride_offset),
+    (fc.check_level_mapper, lambda b: fc.ROIAlign().level_of(b, 2, 5) + 2, level_rounded),
+    (fc.check_average_precision, fc._ap_at, ap_counting_duplicates),
+], ids=["iou+1", "nms-unsorted", "encode-no-weights", "anchors-offset", "level-rounded",
+        "ap-duplicates"])
+def test_each_checker_accepts_the_right_answer_and_rejects_a_typical_wrong_one(
+        checker, right, wrong, capsys):
+    assert checker(right) is True
+    assert "Correct" in capsys.readouterr().out
+    assert checker(wrong) is False
+    said = capsys.readouterr().out
+    assert said.startswith("Not yet") and "yours:" in said and "expected:" in said
+
+
+def test_a_checker_reports_an_exception_instead_of_crashing(capsys):
+    def broken(a, b):
+        raise NotImplementedError("your code here")
+    assert fc.check_box_iou(broken) is False
+    assert "raised NotImplementedError: your code here" in capsys.readouterr().out
+
+
+# ─── COCO's AP, by hand and by pycocotools ──────────────────────────────────────────────────
+
+
+def test_average_precision_by_hand_equals_pycocotools_ap50():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        predictions, targets, hits, scores, num_gt = [], [], [], [], 0
+        for _image in range(3):
+            gt = fc.random_boxes(int(torch.randint(1, 5, (1,), generator=g)), 100, g)
+            near = gt + torch.randn(gt.shape, generator=g)
+            near = torch.cat((torch.minimum(near[:, :2], near[:, 2:] - 1), near[:, 2:]), 1)
+            boxes = torch.cat((near, near[:1] + 0.5, fc.random_boxes(3, 100, g)))  # a duplicate
+            score = torch.rand(len(boxes), generator=g)
+            ones = torch.ones(len(boxes), dtype=torch.int64)
+            predictions.append({"boxes": boxes, "scores": score, "labels": ones})
+            targets.append({"boxes": gt, "labels": torch.ones(len(gt), dtype=torch.int64)})
+            hits.append(fc.match_detections(boxes, score, gt, 0.5))
+            scores.append(score)
+            num_gt += len(gt)
+        ours = fc.average_precision(torch.cat(hits), torch.cat(scores), num_gt)
+        assert ours == pytest.approx(fc.coco_map(predictions, targets)["AP50"], abs=1e-12)
+
+
+def test_a_duplicate_is_a_false_positive_and_no_ground_truth_gives_minus_one():
+    gt = torch.tensor([[0.0, 0, 10, 10]])
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0.5, 0, 10, 10]])
+    hits = fc.match_detections(boxes, torch.tensor([0.9, 0.8]), gt)
+    assert hits.tolist() == [True, False]
+    assert fc.average_precision(hits, torch.tensor([0.9, 0.8]), 0) == -1.0
+
+
+# ─── notebook set-up and full mode's COCO folder ─────────────────────────────────────────────
+
+
+def test_setup_notebook_reads_the_mode_and_pins_one_thread_in_fast_mode(monkeypatch, capsys):
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("FRCNN_FAST", "1")
+        fast, device = fc.setup_notebook(seed=3)
+        assert fast and device.type == "cpu" and torch.get_num_threads() == 1
+        assert capsys.readouterr().out.startswith("FAST mode on cpu")
+        assert torch.equal(torch.rand(2), (torch.manual_seed(3), torch.rand(2))[1])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_full_mode_reads_coco_from_the_folder_frcnn_coco_names(monkeypatch, coco_dir):
+    monkeypatch.setenv("FRCNN_COCO", coco_dir)
+    data = fc.COCOStreamDataset("val", source=fc.coco_source(), min_size=64)
+    ids = [int(target["image_id"]) for _, target in data]
+    assert ids == [101, 102, 103, 104, 105, 106]
+    monkeypatch.setenv("FRCNN_COCO", os.path.join(coco_dir, "missing"))
+    with pytest.raises(FileNotFoundError, match="FRCNN_COCO"):
+        fc.coco_source()
+    monkeypatch.delenv("FRCNN_COCO")
+    assert fc.coco_source() == fc.HUB_COCO
+
+
+def test_notebook_06_alone_saves_its_detector_under_its_own_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = fc.shapes_detector("checkpoints/shapes_tiny.pt", progress=False, steps=2,
+                               batch_size=2, eval_images=4)
+    assert not os.path.exists("checkpoints/shapes_tiny.pt")
+    assert os.path.exists("checkpoints/shapes_tiny_fallback.pt") and not model.training
+    again = fc.shapes_detector("checkpoints/shapes_tiny.pt")  # loads the fallback, no training
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
