@@ -133,6 +133,13 @@ def unreachable_reason(url: str, timeout: float = 5.0) -> Optional[str]:
     return None if outcome[0] is None else f"{url} is unreachable ({outcome[0]})"
 
 
+def _rank_and_world_size() -> Tuple[int, int]:
+    """This process (of a data-parallel run)'s rank and the number of processes: (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 # ─── 2. Box utilities and ops ──────────────────────────────────────────────────────────────────
 
 
@@ -254,7 +261,6 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     return torch.where((w >= min_size) & (h >= min_size))[0]
 
 
-# >>> OPS: nms, batched_nms, roi_align (pure PyTorch) and the backend switch go here <<<
 # ─── 2b. Ops in plain PyTorch: NMS, RoIAlign, and the backend switch ────────────────────────────
 #
 # The detector calls three ops that torchvision ships as compiled kernels: ``nms``, ``batched_nms``
@@ -262,8 +268,8 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
 # read what they do, and so that the model still runs where torchvision's kernels are missing.
 # They give the same results as torchvision's kernels: the same indices in the same order for NMS;
 # the same values up to float32 rounding (about 1e-6) for RoIAlign.
-# The model calls ``_nms``, ``_batched_nms`` and ``_roi_align``, which send each call to the
-# backend chosen with ``set_ops_backend`` ("torchvision" by default, or "pure").
+# The model calls them through ``_run_op``, which sends each call to the backend chosen with
+# ``set_ops_backend`` or ``ops_backend`` ("torchvision" by default, or "pure").
 
 # ── NMS ──
 
@@ -446,6 +452,8 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
 
     Returns:
         int64 ``[K]``: indices of the kept boxes, by decreasing score; equal scores in index order.
+        (torchvision keeps the same boxes; with more than 1000 boxes on the CPU, or 25000 on a
+        GPU, it orders equal scores by an unstable sort, so their order may differ from this one.)
     """
     _check_nms_inputs(boxes, scores, idxs)
     if boxes.shape[0] == 0:
@@ -661,11 +669,6 @@ if _ops_backend not in OPS_BACKENDS:
     raise ValueError(f"FRCNN_OPS_BACKEND must be one of {OPS_BACKENDS}, got {_ops_backend!r}")
 
 
-def get_ops_backend() -> str:
-    """The backend the model's ops use now: ``"torchvision"`` or ``"pure"``."""
-    return _ops_backend
-
-
 def set_ops_backend(name: str) -> str:
     """Make the model use ``name`` ("torchvision" or "pure") for NMS and RoIAlign.
 
@@ -689,51 +692,31 @@ def ops_backend(name: str) -> Iterator[str]:
         set_ops_backend(previous)
 
 
-def _nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    """``nms`` with the current backend; boxes and scores in float32 (float64 stays float64)."""
-    dtype = _compute_dtype(boxes)
-    boxes, scores = boxes.to(dtype), scores.to(dtype)
+def _to_dtype(value, dtype: torch.dtype):
+    """Floating tensors (also inside a list) in ``dtype``; anything else as it is."""
+    if isinstance(value, Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, (list, tuple)):
+        return [_to_dtype(v, dtype) for v in value]
+    return value
+
+
+def _run_op(name: str, *args):
+    """Op ``name`` ("nms", "batched_nms" or "roi_align") of the backend in use: this section's
+    function, or torchvision's kernel. Both compute in float32 (float64 stays float64) with
+    autocast off, and a floating result comes back in the first input's dtype, so either backend
+    gives the same numbers under autocast or on half-precision inputs."""
+    first = args[0]
+    args = [_to_dtype(a, _compute_dtype(first)) for a in args]
     if _ops_backend == "pure":
-        return nms(boxes, scores, iou_threshold)
-    import torchvision.ops
-
-    return torchvision.ops.nms(boxes, scores, iou_threshold)
-
-
-def _batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
-    """``batched_nms`` with the current backend; inputs in float32 (float64 stays float64)."""
-    dtype = _compute_dtype(boxes)
-    boxes, scores = boxes.to(dtype), scores.to(dtype)
-    if _ops_backend == "pure":
-        return batched_nms(boxes, scores, idxs, iou_threshold)
-    import torchvision.ops
-
-    return torchvision.ops.batched_nms(boxes, scores, idxs, iou_threshold)
-
-
-def _roi_align(
-    input: Tensor,
-    boxes: Union[Tensor, List[Tensor]],
-    output_size: Union[int, Tuple[int, int]],
-    spatial_scale: float = 1.0,
-    sampling_ratio: int = -1,
-    aligned: bool = False,
-) -> Tensor:
-    """``roi_align`` with the current backend: computed in float32, returned in input's dtype."""
-    if _ops_backend == "pure":
-        return roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
-    import torchvision.ops
-
-    dtype = _compute_dtype(input)
-    if isinstance(boxes, Tensor):
-        boxes = boxes.to(dtype)
+        op = globals()[name]
     else:
-        boxes = [b.to(dtype) for b in boxes]
-    with torch.autocast(input.device.type, enabled=False):
-        out = torchvision.ops.roi_align(
-            input.to(dtype), boxes, output_size, spatial_scale, sampling_ratio, aligned
-        )
-    return out.to(input.dtype)
+        import torchvision.ops
+
+        op = getattr(torchvision.ops, name)
+    with torch.autocast(first.device.type, enabled=False):
+        out = op(*args)
+    return out.to(first.dtype) if out.is_floating_point() else out
 
 
 # ─── 3. Data ───────────────────────────────────────────────────────────────────────────────────
@@ -799,6 +782,11 @@ def resized_size(height: int, width: int, resize: Optional[str] = "shorter",
     return math.floor(height * scale), math.floor(width * scale)
 
 
+def flip_boxes(boxes: Tensor, width: float) -> Tensor:
+    """Boxes ``[N, 4]`` mirrored left-right in an image ``width`` pixels wide."""
+    return torch.stack((width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), 1)
+
+
 def boxes_to_original(boxes: Tensor, target: Dict[str, Tensor]) -> Tensor:
     """Map boxes [N, 4] from a returned image's pixels back to the source image's pixels.
 
@@ -808,13 +796,35 @@ def boxes_to_original(boxes: Tensor, target: Dict[str, Tensor]) -> Tensor:
     """
     boxes = boxes.float()
     if "flipped" in target and bool(target["flipped"]):
-        width = float(target["size"][1])
-        boxes = torch.stack((width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), 1)
+        boxes = flip_boxes(boxes, float(target["size"][1]))
     if "scale" in target:
         boxes = boxes / target["scale"].to(boxes.device)
     if "orig_size" in target:
         boxes = clip_boxes(boxes, tuple(int(s) for s in target["orig_size"]))
     return boxes
+
+
+class SampleOptions:
+    """How a dataset turns its images into samples: the resize (see :func:`resized_size`) and the
+    training-time options of :func:`make_sample`. Shared by both datasets, checked once here.
+
+    ``train`` drops crowd regions and defaults ``flip_prob`` to 0.5 (else 0); ``skip_empty``
+    defaults to ``train``: evaluation keeps images without objects, since false detections on
+    them count.
+    """
+
+    def __init__(self, resize: Optional[str], min_size: int, max_size: Optional[int], train: bool,
+                 flip_prob: Optional[float], skip_empty: Optional[bool] = None):
+        resized_size(2, 1, resize, min_size, max_size)  # validates the resize arguments
+        self.resize, self.min_size, self.max_size, self.train = resize, min_size, max_size, train
+        self.flip_prob = (0.5 if train else 0.0) if flip_prob is None else flip_prob
+        self.skip_empty = train if skip_empty is None else skip_empty
+
+    def sample(self, image, boxes, labels, image_id, area=None, iscrowd=None):
+        """:func:`make_sample` with these options."""
+        return make_sample(image, boxes, labels, image_id, area, iscrowd, resize=self.resize,
+                           min_size=self.min_size, max_size=self.max_size,
+                           flip_prob=self.flip_prob, train=self.train, skip_empty=self.skip_empty)
 
 
 def make_sample(image, boxes: Tensor, labels: Tensor, image_id: int,
@@ -866,7 +876,7 @@ def make_sample(image, boxes: Tensor, labels: Tensor, image_id: int,
     flipped = flip_prob > 0 and float(torch.rand(())) < flip_prob
     if flipped:
         pixels = pixels.flip(-1)
-        boxes = torch.stack((width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), 1)
+        boxes = flip_boxes(boxes, width)
     return pixels, {
         "boxes": boxes, "labels": labels, "area": area, "iscrowd": iscrowd,
         "image_id": torch.tensor(int(image_id)),
@@ -969,7 +979,7 @@ def _read_coco_layout(root: str, split: str) -> List[dict]:
         anns = annotations[image["id"]]
         xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
         records.append({
-            "path": os.path.join(root, f"{split}2017", image["file_name"]),
+            "image": os.path.join(root, f"{split}2017", image["file_name"]),
             "image_id": image["id"],
             "boxes": np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1),
             "labels": np.array([label_of[a["category_id"]] for a in anns], dtype=np.int64),
@@ -983,10 +993,8 @@ def _reader_index() -> Tuple[int, int]:
     """(index, count) of this reader among all DataLoader workers of all DDP processes."""
     worker = get_worker_info()
     index, count = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        index, count = rank * count + index, world * count
-    return index, count
+    rank, world = _rank_and_world_size()
+    return rank * count + index, world * count
 
 
 class COCOStreamDataset(IterableDataset):
@@ -1044,19 +1052,19 @@ class COCOStreamDataset(IterableDataset):
                  skip_empty: Optional[bool] = None, shuffle_buffer: int = 0, seed: int = 0,
                  hub_timeout: float = 5.0):
         super().__init__()
-        resized_size(2, 1, resize, min_size, max_size)  # validates the resize arguments
         if max_samples is not None and max_samples < 0:
             raise ValueError(f"max_samples must be None or >= 0, got {max_samples}")
         self.split, self.max_samples = split, max_samples
-        self.resize, self.min_size, self.max_size = resize, min_size, max_size
-        self.train = split == "train" if train is None else train
-        self.flip_prob = (0.5 if self.train else 0.0) if flip_prob is None else flip_prob
-        self.skip_empty = self.train if skip_empty is None else skip_empty
+        self.options = SampleOptions(resize, min_size, max_size,
+                                     split == "train" if train is None else train, flip_prob,
+                                     skip_empty)
         self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, 0
         self.num_classes = len(COCO_NAMES)
-        self.rows, self.label_of = self._open(source, split, hub_timeout), None
-        if not isinstance(self.rows, list):  # hub schema: check its category names once
-            self.label_of = _category_labels(self.rows.features)
+        self.rows = self._open(source, split, hub_timeout)
+        if isinstance(self.rows, list):  # COCO-layout records: only the image is still a path
+            self.to_record = _open_image
+        else:  # the hub's schema: its category names are checked once, here
+            self.to_record = _HubRecords(_category_labels(self.rows.features))
 
     @staticmethod
     def _open(source, split: str, hub_timeout: float):
@@ -1119,62 +1127,72 @@ class COCOStreamDataset(IterableDataset):
         """Use the shuffle order of ``epoch`` (call before each epoch when shuffling)."""
         self.epoch = epoch
 
-    def _sample(self, row):
-        """One row (hub schema or COCO-layout record) -> a sample, or ``None`` if skipped."""
-        if isinstance(self.rows, list):
-            image, image_id = Image.open(row["path"]), row["image_id"]
-            boxes, labels, area, iscrowd = row["boxes"], row["labels"], row["area"], row["iscrowd"]
-        else:
-            image, image_id, objects = row["image"], row["image_id"], row["objects"]
-            if isinstance(image, dict):  # undecoded {"bytes", "path"}
-                image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes")
-                                   else image["path"])
-            if isinstance(objects, list):  # a list of dicts rather than a dict of lists
-                objects = {key: [o[key] for o in objects] for key in ("bbox", "category")}
-            categories = objects["category"]
-            if any(not 0 <= c < len(self.label_of) for c in categories):
-                raise ValueError(f"image {image_id} has category {categories}, outside the "
-                                 f"{len(self.label_of)} categories of the source's ClassLabel")
-            boxes, area, iscrowd = objects["bbox"], objects.get("area"), None
-            labels = [self.label_of[c] for c in categories]
-        return make_sample(image, torch.as_tensor(np.asarray(boxes, dtype=np.float32)), labels,
-                           image_id, area, iscrowd, resize=self.resize, min_size=self.min_size,
-                           max_size=self.max_size, flip_prob=self.flip_prob, train=self.train,
-                           skip_empty=self.skip_empty)
-
     def __iter__(self):
         index, count = _reader_index()
-        rows = self.rows
-        if isinstance(rows, list) or not _is_stream(rows):  # map-style: index it
-            order = range(len(rows))
-            if self.shuffle_buffer:
-                generator = torch.Generator().manual_seed(self.seed + self.epoch)
-                order = torch.randperm(len(rows), generator=generator).tolist()
-            stream = (rows[i] for i in order[index::count])
-        else:  # a datasets.IterableDataset: shuffle, then take this reader's shards
-            from datasets.distributed import split_dataset_by_node
-
-            if self.shuffle_buffer:
-                rows = rows.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
-            rows.set_epoch(self.epoch)
-            if count > 1:
-                rows = split_dataset_by_node(rows, rank=index, world_size=count)
-            # .iter() rather than iter(): datasets would otherwise shard by worker a second time
-            stream = ({k: v[0] for k, v in batch.items()} for batch in rows.iter(batch_size=1))
         quota = None  # this reader's share of max_samples
         if self.max_samples is not None:
             quota = self.max_samples // count + (index < self.max_samples % count)
             if quota == 0:
                 return
         yielded = 0
-        for row in stream:
-            sample = self._sample(row)
+        for row in self._reader_rows(index, count):
+            record = self.to_record(row)
+            sample = self.options.sample(record["image"], record["boxes"], record["labels"],
+                                         record["image_id"], record["area"], record["iscrowd"])
             if sample is None:
                 continue
             yield sample
             yielded += 1
             if quota is not None and yielded >= quota:
                 return
+
+    def _reader_rows(self, index: int, count: int) -> Iterator:
+        """This reader's share of the rows, shuffled when asked: every ``count``-th row of a
+        permutation of an indexable source; whole shards (``split_dataset_by_node``) of a stream."""
+        rows = self.rows
+        if isinstance(rows, list) or not _is_stream(rows):
+            order = range(len(rows))
+            if self.shuffle_buffer:
+                generator = torch.Generator().manual_seed(self.seed + self.epoch)
+                order = torch.randperm(len(rows), generator=generator).tolist()
+            return (rows[i] for i in order[index::count])
+        from datasets.distributed import split_dataset_by_node
+
+        if self.shuffle_buffer:
+            rows = rows.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+        rows.set_epoch(self.epoch)
+        if count > 1:
+            rows = split_dataset_by_node(rows, rank=index, world_size=count)
+        # .iter() rather than iter(): datasets would otherwise shard by worker a second time
+        return ({k: v[0] for k, v in batch.items()} for batch in rows.iter(batch_size=1))
+
+
+def _open_image(record: dict) -> dict:
+    """A COCO-layout record with its image file opened (decoded later, only if kept)."""
+    return {**record, "image": Image.open(record["image"])}
+
+
+class _HubRecords:
+    """Turns a row of the hub's schema into a record: image (PIL), image_id, boxes x1 y1 x2 y2,
+    labels 1..80 (``label_of`` maps the row's ClassLabel indices), the annotation area."""
+
+    def __init__(self, label_of: List[int]):
+        self.label_of = label_of
+
+    def __call__(self, row: dict) -> dict:
+        image, objects = row["image"], row["objects"]
+        if isinstance(image, dict):  # undecoded {"bytes", "path"}
+            image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
+        if isinstance(objects, list):  # a list of dicts rather than a dict of lists
+            objects = {key: [o[key] for o in objects] for key in ("bbox", "category")}
+        categories = objects["category"]
+        if any(not 0 <= c < len(self.label_of) for c in categories):
+            raise ValueError(f"image {row['image_id']} has category {categories}, outside the "
+                             f"{len(self.label_of)} categories of the source's ClassLabel")
+        return {"image": image, "image_id": row["image_id"],
+                "boxes": torch.as_tensor(np.asarray(objects["bbox"], dtype=np.float32)),
+                "labels": [self.label_of[c] for c in categories], "area": objects.get("area"),
+                "iscrowd": None}
 
 
 def _is_stream(rows) -> bool:
@@ -1227,12 +1245,9 @@ class SyntheticShapesDataset(Dataset):
                              f"image_size={image_size}, objects={objects}")
         if not 0 < object_size[0] <= object_size[1] <= 1:
             raise ValueError(f"object_size must satisfy 0 < low <= high <= 1, got {object_size}")
-        resized_size(height, width, resize, min_size, max_size)  # validates the resize arguments
         self.num_images, self.image_size, self.seed = num_images, (height, width), seed
         self.objects, self.object_size, self.texture = objects, object_size, texture
-        self.train = train
-        self.flip_prob = (0.5 if train else 0.0) if flip_prob is None else flip_prob
-        self.resize, self.min_size, self.max_size = resize, min_size, max_size
+        self.options = SampleOptions(resize, min_size, max_size, train, flip_prob, skip_empty=False)
         self.num_classes = len(SHAPE_NAMES)
 
     def __len__(self) -> int:
@@ -1243,9 +1258,7 @@ class SyntheticShapesDataset(Dataset):
             raise IndexError(f"index {index} out of range for {self.num_images} images")
         index %= self.num_images
         image, boxes, labels = self.render(index)
-        return make_sample(image, boxes, labels, index, resize=self.resize,
-                           min_size=self.min_size, max_size=self.max_size,
-                           flip_prob=self.flip_prob, train=self.train)
+        return self.options.sample(image, boxes, labels, index)
 
     def render(self, index: int) -> Tuple[Tensor, Tensor, Tensor]:
         """Image ``index`` before any transform: uint8 [3, H, W], boxes [G, 4], labels [G]."""
@@ -1745,7 +1758,8 @@ class RegionProposalNetwork(nn.Module):
             img_boxes = clip_boxes(img_boxes, size)
             keep = remove_small_boxes(img_boxes, self.min_size)
             keep = keep[img_scores[keep] >= self.score_thresh]
-            keep = keep[_batched_nms(img_boxes[keep], img_scores[keep], levels[keep], self.nms_thresh)]
+            keep = keep[_run_op("batched_nms", img_boxes[keep], img_scores[keep], levels[keep],
+                                    self.nms_thresh)]
             proposals.append(img_boxes[keep[:post_n]])
         return proposals
 
@@ -1804,18 +1818,17 @@ class ROIAlign(nn.Module):
                 image_sizes: List[Tuple[int, int]]) -> Tensor:
         max_height = max(h for h, _ in image_sizes)
         scales = [2.0 ** round(math.log2(f.shape[-2] / max_height)) for f in features]
-        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1)
-                          for i, b in enumerate(boxes)])
+        rois = _rois_from_boxes(boxes)
         if len(features) == 1:
-            return _roi_align(features[0], rois, self.output_size, scales[0],
-                              self.sampling_ratio).to(features[0].dtype)
+            return _run_op("roi_align", features[0], rois, self.output_size, scales[0],
+                           self.sampling_ratio)
         k_min, k_max = -round(math.log2(scales[0])), -round(math.log2(scales[-1]))
         levels = self.level_of(rois[:, 1:], k_min, k_max)
         pooled = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
         for lvl, (feature, scale) in enumerate(zip(features, scales)):
             idx = torch.where(levels == lvl)[0]
-            pooled[idx] = _roi_align(feature, rois[idx], self.output_size, scale,
-                                     self.sampling_ratio).to(pooled.dtype)
+            pooled[idx] = _run_op("roi_align", feature, rois[idx], self.output_size, scale,
+                                  self.sampling_ratio).to(pooled.dtype)
         return pooled
 
 
@@ -1938,7 +1951,8 @@ class ROIHeads(nn.Module):
             img_scores = img_scores[:, 1:].reshape(-1)
             keep = torch.where(img_scores > self.score_thresh)[0]
             keep = keep[remove_small_boxes(img_boxes[keep], self.min_size)]
-            keep = keep[_batched_nms(img_boxes[keep], img_scores[keep], classes[keep], self.nms_thresh)]
+            keep = keep[_run_op("batched_nms", img_boxes[keep], img_scores[keep], classes[keep],
+                                    self.nms_thresh)]
             keep = keep[: self.detections_per_img]
             results.append({"boxes": img_boxes[keep], "scores": img_scores[keep], "labels": classes[keep]})
         return results
@@ -2425,13 +2439,6 @@ def set_rng_state(state: dict) -> None:
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside a ``DistributedDataParallel`` wrapper (or the model itself)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def _rank_and_world_size() -> Tuple[int, int]:
-    """This process's rank and the number of processes: (0, 1) outside a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _is_main_process() -> bool:
@@ -3547,7 +3554,8 @@ def _show(value) -> str:
         return f"tensor {list(value.shape)} {value.tolist()}" if value.numel() <= 24 else \
             f"tensor {list(value.shape)} starting {value.flatten()[:8].tolist()}"
     if isinstance(value, (tuple, list)):
-        return "(" + ", ".join(_show(v) for v in value) + ")"
+        inner = ", ".join(_show(v) for v in value)
+        return "(" + inner + ("," if isinstance(value, tuple) and len(value) == 1 else "") + ")"
     return repr(value)
 
 

@@ -15,25 +15,18 @@ from common import report, side_by_side  # (also puts the repository root on sys
 import torch
 import torchvision.ops
 
+import box_sets  # the tests' box generators
 import frcnn_common as fc
 
 
-def rpn_like_boxes(n: int, g: torch.Generator, objects: int = 50, extent: float = 800.0):
-    """Proposals as an RPN makes them: clusters of jittered boxes around ~50 objects of
-    20..250 px, random scores."""
-    centres = torch.rand(objects, 2, generator=g) * extent
-    sizes = torch.exp(torch.empty(objects, 2).uniform_(3.0, 5.5, generator=g))
-    which = torch.randint(0, objects, (n,), generator=g)
-    c = centres[which] + torch.randn(n, 2, generator=g) * sizes[which] * 0.15
-    s = sizes[which] * torch.exp(torch.randn(n, 2, generator=g) * 0.15)
-    return torch.cat((c - s / 2, c + s / 2), 1), torch.rand(n, generator=g)
+def rpn_like_boxes(n: int, g: torch.Generator):
+    """Proposals as an RPN makes them at 800 px: clusters around 50 objects of 20..250 px."""
+    return box_sets.rpn_like_boxes(n, g, objects=50, extent=800.0, log_sizes=(3.0, 5.5))
 
 
-def uniform_boxes(n: int, g: torch.Generator, extent: float = 800.0):
-    """Boxes with uniform random corners (1..200 px sides) and random scores."""
-    xy = torch.rand(n, 2, generator=g) * extent
-    wh = torch.rand(n, 2, generator=g) * 199 + 1
-    return torch.cat((xy, xy + wh), 1), torch.rand(n, generator=g)
+def uniform_boxes(n: int, g: torch.Generator):
+    """Boxes with uniform random corners (1..200 px sides) in 800 px, random scores."""
+    return box_sets.uniform_boxes(n, g, extent=800.0, max_side=200.0)
 
 
 def loop_nms(boxes, scores, iou_threshold):

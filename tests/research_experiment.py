@@ -45,7 +45,7 @@ class SmallBackbone(nn.Module):
         return self.body(x)
 
 
-def build_ours(seed: int) -> nn.Module:
+def build_ours(seed: int, image_size: int = IMAGE_SIZE) -> nn.Module:
     torch.manual_seed(seed)  # the backbone is built first: the same weights as build_torchvision's
     backbone = SmallBackbone()
     return FasterRCNN(NUM_CLASSES, backbone, feat_channels=64, use_fpn=False,
@@ -53,7 +53,7 @@ def build_ours(seed: int) -> nn.Module:
                       hidden_dim=256, dropout=0.0)
 
 
-def build_torchvision(seed: int) -> nn.Module:
+def build_torchvision(seed: int, image_size: int = IMAGE_SIZE) -> nn.Module:
     from torchvision.models.detection import FasterRCNN as TVFasterRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -65,8 +65,8 @@ def build_torchvision(seed: int) -> nn.Module:
         backbone, rpn_anchor_generator=AnchorGenerator(((16, 32, 64),), ((1.0,),)),
         box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2), box_head=TwoMLPHead(64 * 49, 256),
         box_predictor=FastRCNNPredictor(256, NUM_CLASSES),
-        # the images are already ImageNet-normalised and 128 px: no resizing, no renormalising
-        min_size=IMAGE_SIZE, max_size=IMAGE_SIZE, image_mean=[0.0] * 3, image_std=[1.0] * 3)
+        # the images are already ImageNet-normalised and image_size px: no resizing, no renormalising
+        min_size=image_size, max_size=image_size, image_mean=[0.0] * 3, image_std=[1.0] * 3)
 
 
 BUILDERS = {"ours": build_ours, "torchvision": build_torchvision}
@@ -83,10 +83,11 @@ def get_batch(data, step: int, batch_size: int, seed: int):
     return images, targets
 
 
-def train(model, seed: int, steps: int, batch_size: int = 8, lr: float = 0.02, log_every: int = 0):
+def train(model, seed: int, steps: int, batch_size: int = 8, lr: float = 0.02,
+          image_size: int = IMAGE_SIZE, log_every: int = 0):
     """Plain SGD (momentum 0.9, weight decay 1e-4), lr x0.1 after 70% of the steps, float32;
     every step a batch of new images."""
-    data = SyntheticShapesDataset(steps * batch_size, IMAGE_SIZE, seed=seed, train=True)
+    data = SyntheticShapesDataset(steps * batch_size, image_size, seed=seed, train=True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
     model.train()
@@ -108,9 +109,10 @@ def train(model, seed: int, steps: int, batch_size: int = 8, lr: float = 0.02, l
 
 
 @torch.no_grad()
-def score(model, seed: int, num_images: int = 200, batch_size: int = 20) -> float:
+def score(model, seed: int, num_images: int = 200, image_size: int = IMAGE_SIZE,
+          batch_size: int = 20) -> float:
     """mAP@0.5 (pycocotools, via ``coco_map``) on held-out images (seed + 1000)."""
-    data = SyntheticShapesDataset(num_images, IMAGE_SIZE, seed=seed + 1000)
+    data = SyntheticShapesDataset(num_images, image_size, seed=seed + 1000)
     model.eval()
     predictions, truths = [], []
     for start in range(0, num_images, batch_size):
@@ -123,12 +125,12 @@ def score(model, seed: int, num_images: int = 200, batch_size: int = 20) -> floa
 
 
 def run_experiment(model_kind: str, seed: int, steps: int = 500, *, batch_size: int = 8,
-                   lr: float = 0.02, eval_images: int = 200, log_every: int = 0,
-                   model=None) -> float:
+                   lr: float = 0.02, eval_images: int = 200, image_size: int = IMAGE_SIZE,
+                   log_every: int = 0, model=None) -> float:
     """Build (or take) the ``model_kind`` detector for ``seed``, train it ``steps`` steps and
     return its held-out AP50. ``model``: an already built model to train instead."""
     if model_kind not in BUILDERS:
         raise ValueError(f"model_kind must be one of {MODEL_KINDS}, got {model_kind!r}")
-    model = BUILDERS[model_kind](seed) if model is None else model
-    train(model, seed, steps, batch_size, lr, log_every)
-    return score(model, seed, eval_images)
+    model = BUILDERS[model_kind](seed, image_size) if model is None else model
+    train(model, seed, steps, batch_size, lr, image_size, log_every)
+    return score(model, seed, eval_images, image_size)

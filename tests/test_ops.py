@@ -5,26 +5,11 @@ import torch
 import torchvision.ops as tv
 
 import frcnn_common as fc
+from box_sets import rpn_like_boxes, uniform_boxes
 
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def rpn_like_boxes(n, g, objects=30, extent=400.0):
-    """Boxes clustered around a few objects with jitter (like RPN proposals), random scores."""
-    centres = torch.rand(objects, 2, generator=g) * extent
-    sizes = torch.exp(torch.empty(objects, 2).uniform_(2.5, 5.0, generator=g))
-    which = torch.randint(0, objects, (n,), generator=g)
-    c = centres[which] + torch.randn(n, 2, generator=g) * sizes[which] * 0.15
-    s = sizes[which] * torch.exp(torch.randn(n, 2, generator=g) * 0.15)
-    return torch.cat((c - s / 2, c + s / 2), 1), torch.rand(n, generator=g)
-
-
-def uniform_boxes(n, g, extent=400.0):
-    xy = torch.rand(n, 2, generator=g) * extent
-    wh = torch.rand(n, 2, generator=g) * 100 + 1
-    return torch.cat((xy, xy + wh), 1), torch.rand(n, generator=g)
 
 
 # ─── nms ──────────────────────────────────────────────────────────────────────────────────────
@@ -312,14 +297,13 @@ def test_backend_switch_changes_the_implementation():
     idxs = torch.arange(200) % 3
     x = torch.randn(1, 2, 20, 20)
     calls = [  # (the kernel torchvision's backend must run, the call)
-        ("torchvision::nms", lambda: fc._nms(boxes, scores, 0.5)),
-        ("torchvision::nms", lambda: fc._batched_nms(boxes, scores, idxs, 0.5)),
-        ("torchvision::roi_align", lambda: fc._roi_align(x, [boxes[:5] / 4], 3, 0.25, 2)),
+        ("torchvision::nms", lambda: fc._run_op("nms", boxes, scores, 0.5)),
+        ("torchvision::nms", lambda: fc._run_op("batched_nms", boxes, scores, idxs, 0.5)),
+        ("torchvision::roi_align", lambda: fc._run_op("roi_align", x, [boxes[:5] / 4], 3, 0.25, 2)),
     ]
     results = {}
     for backend in ("torchvision", "pure"):
         with fc.ops_backend(backend):
-            assert fc.get_ops_backend() == backend
             for kernel, call in calls:  # each private op, profiled on its own
                 called = _torchvision_ops_called(call)
                 assert called == ({kernel} if backend == "torchvision" else set()), (kernel, backend)
@@ -329,25 +313,26 @@ def test_backend_switch_changes_the_implementation():
 
 
 def test_set_ops_backend_returns_previous_and_rejects_unknown_names():
-    start = fc.get_ops_backend()
+    start = fc.set_ops_backend("pure")
     try:
-        assert fc.set_ops_backend("pure") == start
         assert fc.set_ops_backend("torchvision") == "pure"
         with pytest.raises(ValueError, match="torchvision.*pure"):
             fc.set_ops_backend("cuda")
-        assert fc.get_ops_backend() == "torchvision"
+        assert fc.set_ops_backend("torchvision") == "torchvision"  # the refused name changed nothing
     finally:
         fc.set_ops_backend(start)
 
 
 def test_ops_backend_context_restores_after_an_error():
-    start = fc.get_ops_backend()
-    other = "pure" if start == "torchvision" else "torchvision"
-    with pytest.raises(RuntimeError):
-        with fc.ops_backend(other):
-            assert fc.get_ops_backend() == other
-            raise RuntimeError
-    assert fc.get_ops_backend() == start
+    start = fc.set_ops_backend("torchvision")
+    try:
+        with pytest.raises(RuntimeError):
+            with fc.ops_backend("pure"):
+                assert fc._ops_backend == "pure"
+                raise RuntimeError
+        assert fc._ops_backend == "torchvision"
+    finally:
+        fc.set_ops_backend(start)
 
 
 @pytest.mark.parametrize("backend", ["torchvision", "pure"])
@@ -358,9 +343,9 @@ def test_private_ops_accept_low_precision_inputs(backend):
     boxes, scores = uniform_boxes(100, g)
     with fc.ops_backend(backend):
         # torchvision alone refuses a bfloat16 map with float32 boxes outside autocast
-        out = fc._roi_align(x.bfloat16(), rois, 3, 0.25, 2)
-        keep = fc._nms(boxes.half(), scores.half(), 0.5)
-        keep_b = fc._batched_nms(boxes.half(), scores.half(), torch.arange(100) % 2, 0.5)
+        out = fc._run_op("roi_align", x.bfloat16(), rois, 3, 0.25, 2)
+        keep = fc._run_op("nms", boxes.half(), scores.half(), 0.5)
+        keep_b = fc._run_op("batched_nms", boxes.half(), scores.half(), torch.arange(100) % 2, 0.5)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, tv.roi_align(x.bfloat16().float(), rois, 3, 0.25, 2).bfloat16())
     assert torch.equal(keep, tv.nms(boxes.half().float(), scores.half().float(), 0.5))
