@@ -4,11 +4,18 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 OUT    ?= out
 
-.PHONY: setup test unit notebooks run bench notebooks-refresh clean
+.PHONY: help setup test unit notebooks run bench notebooks-refresh clean
+.DEFAULT_GOAL := help
 
+## this list of targets
+help:
+	@awk '/^## /{text=substr($$0, 4); next} /^[a-z-]+:/{if (text) printf "  make %-18s %s\n", substr($$1, 1, length($$1)-1), text; text=""}' $(MAKEFILE_LIST)
+
+## create .venv and install requirements.txt and the module (about a minute, once)
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt pyproject.toml
+	@echo "Installing the course's packages into $(VENV) (about a minute, once)..."
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true

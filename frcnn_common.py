@@ -57,7 +57,9 @@ Tensor = torch.Tensor
 
 IMG_SIZE = 400
 """Training resolution in pixels: the shorter image side (or the square side in ``"square"``
-resize mode). 400 px keeps the notebook-05 training run inside 16 GB of GPU memory."""
+resize mode). Half of torchvision's 800, so that a training step costs about a quarter of the
+pixels; its GPU memory has not been measured here (torchvision publishes 5.2 GB per GPU for 2
+images at 800 px, in its models table)."""
 
 NUM_CLASSES = 81
 """Classes the COCO detector predicts, background included: index 0 is the background and
@@ -1209,7 +1211,7 @@ class SyntheticShapesDataset(Dataset):
 
     The offline default of the course: every notebook, ``make run``, the tests and the
     benchmarks train on it with no network. Image ``index`` depends only on ``(seed, index)``,
-    so any worker renders the same pixels, and a 128 px image takes about a millisecond.
+    so any worker renders the same pixels, and a 128 px image takes a few milliseconds.
 
     Each image has a smooth random texture (a base colour, two sine waves, grain) and
     ``objects[0]..objects[1]`` non-overlapping shapes of random colour (kept away from the
@@ -3158,8 +3160,8 @@ def shapes_experiment(steps: Optional[int] = None, *, seed: int = 0, device=DEVI
     Every training image is new (``steps * batch_size`` images rendered from ``seed``, randomly
     flipped); the score is COCO mAP from :func:`evaluate` on ``eval_images`` held-out images
     (seed ``seed + 1``). Seeded throughout, so a run gives the same numbers every time on the same
-    machine and library versions. Float32 (``amp=False``): bfloat16 autocast is about 20% faster
-    on a CPU with native bfloat16 (AVX512-BF16, AMX) but much slower on the many without it.
+    machine and library versions. Float32 (``amp=False``): bfloat16 autocast is fast only on CPUs
+    with native bfloat16 (AVX512-BF16, AMX) and much slower on the many without it.
 
     Args:
         steps: training steps; default ``SHAPES_RECIPE["steps"]``.
@@ -3170,7 +3172,7 @@ def shapes_experiment(steps: Optional[int] = None, *, seed: int = 0, device=DEVI
         is :func:`evaluate`'s dict (``metrics["AP50"]`` is the mAP at IoU 0.5); the training
         time by the wall clock and in CPU time of this process (all its threads together).
 
-    The default recipe reaches AP50 0.945 (AP 0.825) in 900 steps, about 220 s of one CPU core.
+    ``make bench`` prints what the default recipe reaches (``synthetic_map50``) and in how long.
     """
 
     config = {**SHAPES_RECIPE, **recipe}

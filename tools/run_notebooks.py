@@ -55,8 +55,9 @@ def describe_failure(path: Path, index: int, count: int, cell, err: Exception) -
             f"{head}\n  {ename}: {evalue}\n{tail}\n")
 
 
-def execute(path: Path, timeout: int, kernel: str):
-    """Run one notebook on a fresh kernel; return (notebook, seconds, failure text or None)."""
+def execute(path: Path, timeout: int, kernel: str, progress: bool = True):
+    """Run one notebook on a fresh kernel; return (notebook, seconds, failure text or None).
+    With ``progress``, a bar counts the code cells as they run (stderr, so logs stay readable)."""
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
@@ -65,8 +66,13 @@ def execute(path: Path, timeout: int, kernel: str):
     client = NotebookClient(nb, timeout=timeout, kernel_name=kernel, record_timing=False,
                             store_widget_state=True, coalesce_streams=True,
                             resources={"metadata": {"path": str(NOTEBOOKS)}})
+    from tqdm import tqdm
+
     start = time.perf_counter()
     failure = None
+    code_cells = sum(cell.cell_type == "code" for cell in nb.cells)
+    bar = tqdm(total=code_cells, desc=f"  {path.name}", unit="cell", disable=not progress,
+               leave=False, file=sys.stderr, dynamic_ncols=True)
     # The kernel process's own stderr (start-up notices, a crash) goes to a log shown on failure;
     # what the cells print is captured in the notebook's outputs.
     with tempfile.TemporaryFile("w+") as log:
@@ -80,6 +86,7 @@ def execute(path: Path, timeout: int, kernel: str):
                     except (CellExecutionError, CellTimeoutError) as err:
                         failure = describe_failure(path, index, len(nb.cells), cell, err)
                         break
+                    bar.update(1)
                 client.set_widgets_metadata()  # the progress bars' final state
         except DeadKernelError as err:
             failure = f"\nFAILED: {path.relative_to(ROOT)}: the kernel died ({err})\n"
@@ -89,6 +96,7 @@ def execute(path: Path, timeout: int, kernel: str):
                      if line.strip() and "without encryption" not in line]
             if lines:
                 failure += "  kernel log:\n" + "\n".join("    " + line for line in lines[-15:]) + "\n"
+    bar.close()
     return nb, time.perf_counter() - start, failure
 
 
@@ -117,17 +125,34 @@ def shrink_figures(nb) -> None:
                 data["image/png"] = base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def save_figures(nb, stem: str, out: Path) -> list[Path]:
-    """Write every PNG output of the notebook as out/<stem>_figNN.png, numbered from 01."""
-    written = []
+def save_figures(nb, stem: str, out: Path) -> list[tuple[Path, str]]:
+    """Write every PNG output of the notebook as out/<stem>_figNN.png, numbered from 01; return
+    each file with the heading of the notebook section it belongs to."""
+    written, section = [], "(top)"
     for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            headings = [line.lstrip("#").strip() for line in cell.source.splitlines()
+                        if line.startswith("#")]
+            section = headings[-1] if headings else section
         for output in cell.get("outputs", []):
             data = output.get("data", {})
             if "image/png" in data:
                 target = out / f"{stem}_fig{len(written) + 1:02d}.png"
                 target.write_bytes(base64.b64decode(data["image/png"]))
-                written.append(target)
+                written.append((target, section))
     return written
+
+
+def write_index(out: Path, runs: list[tuple[str, float, list[tuple[Path, str]]]]) -> Path:
+    """out/index.md: each notebook, its run time, and its figures with their sections."""
+    lines = ["# What `make run` produced", ""]
+    for name, seconds, figures in runs:
+        lines += [f"## {name} ({seconds:.0f} s)", "", f"Executed copy: [{name}]({name})", ""]
+        lines += [f"- [{path.name}]({path.name}): {section}" for path, section in figures]
+        lines.append("")
+    index = out / "index.md"
+    index.write_text("\n".join(lines))
+    return index
 
 
 def main() -> int:
@@ -157,30 +182,33 @@ def main() -> int:
     print(f"Executing {len(paths)} notebooks in {mode} mode, each on a fresh kernel "
           f"(working directory {NOTEBOOKS.relative_to(ROOT)}/).", flush=True)
 
-    figures, total = 0, time.perf_counter()
-    for path in paths:
-        print(f"  {path.name:28s} ...", end=" ", flush=True)
+    runs, total = [], time.perf_counter()
+    for number, path in enumerate(paths, start=1):
+        print(f"[{number}/{len(paths)}] {path.name} running", file=sys.stderr, flush=True)
         nb, seconds, failure = execute(path, args.timeout, args.kernel)
         if not args.full_colour:
             shrink_figures(nb)
         if out is not None:
             nbformat.write(nb, out / path.name)
-            figures += len(save_figures(nb, path.stem, out))
+            runs.append((path.name, seconds, save_figures(nb, path.stem, out)))
         elif failure is None:
             nbformat.write(nb, path)
         if failure is not None:
-            print(f"failed after {seconds:.0f} s")
+            print(f"  {path.name:28s} failed after {seconds:.0f} s")
             print(failure, file=sys.stderr)
             if out is not None:
                 print(f"The partly executed copy is {out / path.name}.", file=sys.stderr)
             else:
                 print(f"{path.name} was left unchanged.", file=sys.stderr)
             return 1
-        print(f"{seconds:6.1f} s", flush=True)
+        print(f"  {path.name:28s} {seconds:6.1f} s", flush=True)
 
     print(f"All {len(paths)} notebooks ran in {time.perf_counter() - total:.0f} s.")
     if out is not None:
-        print(f"Executed notebooks and {figures} figures are in {out}/")
+        index = write_index(out, runs)
+        figures = sum(len(r[2]) for r in runs)
+        print(f"Executed notebooks and {figures} figures are in {out}/; {index} lists them by "
+              "notebook and section.")
     else:
         print(f"Outputs written back into {NOTEBOOKS}/")
     return 0
