@@ -15,12 +15,16 @@ import argparse
 import statistics
 import time
 
+import os
+import sys
+
 import common  # noqa: F401  (puts the repository root on sys.path)
-from common import report
+from common import ROOT, report
 
 import torch
 
-from tests.research_experiment import MODEL_KINDS, run_experiment
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the experiment is shared with tests/test_research.py
+from research_experiment import MODEL_KINDS, run_experiment  # noqa: E402
 
 
 def main():

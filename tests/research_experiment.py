@@ -45,15 +45,18 @@ class SmallBackbone(nn.Module):
         return self.body(x)
 
 
-def build_ours(seed: int, image_size: int = IMAGE_SIZE) -> nn.Module:
+def build_ours(seed: int, image_size: int = IMAGE_SIZE, rois_per_image: int = 512) -> nn.Module:
+    """Our ``FasterRCNN`` on ``SmallBackbone`` (``image_size`` is only for symmetry with
+    ``build_torchvision``; ``rois_per_image`` 512 is both libraries' default)."""
     torch.manual_seed(seed)  # the backbone is built first: the same weights as build_torchvision's
     backbone = SmallBackbone()
     return FasterRCNN(NUM_CLASSES, backbone, feat_channels=64, use_fpn=False,
                       anchor_sizes=(16, 32, 64), aspect_ratios=(1.0,), anchor_stride=8,
-                      hidden_dim=256, dropout=0.0)
+                      hidden_dim=256, dropout=0.0,
+                      roi_kwargs=dict(batch_size_per_image=rois_per_image))
 
 
-def build_torchvision(seed: int, image_size: int = IMAGE_SIZE) -> nn.Module:
+def build_torchvision(seed: int, image_size: int = IMAGE_SIZE, rois_per_image: int = 512) -> nn.Module:
     from torchvision.models.detection import FasterRCNN as TVFasterRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -66,7 +69,8 @@ def build_torchvision(seed: int, image_size: int = IMAGE_SIZE) -> nn.Module:
         box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2), box_head=TwoMLPHead(64 * 49, 256),
         box_predictor=FastRCNNPredictor(256, NUM_CLASSES),
         # the images are already ImageNet-normalised and image_size px: no resizing, no renormalising
-        min_size=image_size, max_size=image_size, image_mean=[0.0] * 3, image_std=[1.0] * 3)
+        min_size=image_size, max_size=image_size, image_mean=[0.0] * 3, image_std=[1.0] * 3,
+        box_batch_size_per_image=rois_per_image)
 
 
 BUILDERS = {"ours": build_ours, "torchvision": build_torchvision}
@@ -126,11 +130,11 @@ def score(model, seed: int, num_images: int = 200, image_size: int = IMAGE_SIZE,
 
 def run_experiment(model_kind: str, seed: int, steps: int = 500, *, batch_size: int = 8,
                    lr: float = 0.02, eval_images: int = 200, image_size: int = IMAGE_SIZE,
-                   log_every: int = 0, model=None) -> float:
+                   rois_per_image: int = 512, log_every: int = 0, model=None) -> float:
     """Build (or take) the ``model_kind`` detector for ``seed``, train it ``steps`` steps and
     return its held-out AP50. ``model``: an already built model to train instead."""
     if model_kind not in BUILDERS:
         raise ValueError(f"model_kind must be one of {MODEL_KINDS}, got {model_kind!r}")
-    model = BUILDERS[model_kind](seed, image_size) if model is None else model
+    model = BUILDERS[model_kind](seed, image_size, rois_per_image) if model is None else model
     train(model, seed, steps, batch_size, lr, image_size, log_every)
     return score(model, seed, eval_images, image_size)

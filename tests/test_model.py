@@ -466,8 +466,9 @@ def test_num_classes_must_count_the_background():
 
 def test_a_custom_single_map_backbone_trains_and_predicts():
     torch.manual_seed(0)
-    model = fc.FasterRCNN(4, fc.TinyBackbone(out_channels=32), anchor_stride=8, anchor_sizes=(16, 32),
-                          hidden_dim=64, dropout=0.1)
+    backbone = fc.TinyBackbone((32, 64, 32), num_outputs=1)  # one map, stride 8
+    model = fc.FasterRCNN(4, backbone, anchor_stride=8, anchor_sizes=(16, 32), hidden_dim=64,
+                          dropout=0.1)
     assert model.fpn is None
     losses = model.train()(torch.randn(2, 3, 64, 64), box_target([[4, 4, 40, 30]], [3]) * 2)
     assert set(losses) == {"rpn_cls", "rpn_box", "roi_cls", "roi_box", "total"}
@@ -478,8 +479,22 @@ def test_a_custom_single_map_backbone_trains_and_predicts():
     assert (results[0]["labels"] >= 1).all() and (results[0]["labels"] <= 3).all()
 
 
+def test_a_wrong_feat_channels_is_named():
+    model = fc.FasterRCNN(4, fc.TinyBackbone((32, 64, 64), num_outputs=1), feat_channels=128,
+                          anchor_stride=8).eval()
+    with pytest.raises(ValueError, match="pass feat_channels=64"):
+        model(torch.randn(1, 3, 64, 64))
+
+
+def test_a_target_given_as_one_dict_is_named():
+    model = fc.FasterRCNN(4, fc.TinyBackbone((32, 64, 64), num_outputs=1), anchor_stride=8).train()
+    with pytest.raises(TypeError, match="one dict per image"):
+        model([torch.randn(3, 64, 64)], {"boxes": torch.tensor([[1.0, 1, 20, 20]]),
+                                         "labels": torch.tensor([1])})
+
+
 def test_a_wrong_anchor_stride_is_named():
-    model = fc.FasterRCNN(4, fc.TinyBackbone(), anchor_stride=16).eval()
+    model = fc.FasterRCNN(4, fc.TinyBackbone((32, 64, 64), num_outputs=1), anchor_stride=16).eval()
     with pytest.raises(ValueError, match="pass anchor_stride=8"):
         model(torch.randn(1, 3, 64, 64))
 
