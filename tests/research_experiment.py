@@ -4,8 +4,10 @@ torchvision's, trained the same way on the synthetic shapes and scored the same 
 Both detectors get the same backbone class with the same initial weights (built right after
 ``torch.manual_seed(seed)``), the same training images in the same order with the same flips,
 the same plain SGD loop, and the same scoring (``coco_map``'s mAP@0.5 on held-out images).
-Everything else is each library's default, so a gap between the two is a difference of the
-libraries. Used by ``tests/test_research.py`` (short) and ``benchmarks/bench_research.py`` (full).
+Everything else is each library's default. With the same weights and the same random stream the
+two give the same losses and gradients (``tests/test_research.py`` checks one step), so what
+differs between them is the heads' initial values (drawn from the same distributions) and
+the random stream of the samplers: the seed-to-seed spread is the yardstick for any gap. Used by ``tests/test_research.py`` (short) and ``benchmarks/bench_research.py`` (full).
 
     from tests.research_experiment import run_experiment
     run_experiment("ours", seed=0, steps=500)          # AP50 on 200 held-out images
@@ -77,8 +79,9 @@ BUILDERS = {"ours": build_ours, "torchvision": build_torchvision}
 
 
 def get_batch(data, step: int, batch_size: int, seed: int):
-    """Images ``step * batch_size ...`` of ``data``; the random flips come from a generator seeded
-    by (seed, step), so both models see the same pixels and the models' own RNG is not touched."""
+    """Images ``step * batch_size ...`` of ``data`` as lists (images, targets). Their random flips
+    are drawn from torch's RNG reseeded by (seed, step) and then restored, so both models see the
+    same pixels and the models' own random stream is left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1_000_003 + step)
         samples = [data[i] for i in range(step * batch_size, (step + 1) * batch_size)]
