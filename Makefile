@@ -23,7 +23,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -c "import torch, torchvision, datasets, pycocotools, nbval, matplotlib, tqdm, frcnn_common"
 	touch $@
 
-## unit tests, then every notebook executed by nbval in fast mode (CPU, offline)
+## unit tests, then every notebook executed by nbval in fast mode (CPU, offline; see README for its time)
 test: unit notebooks
 
 unit: setup
@@ -32,7 +32,7 @@ unit: setup
 notebooks: setup
 	FRCNN_FAST=1 MPLBACKEND=Agg $(PY) -m pytest -q --nbval-lax -p no:cacheprovider notebooks
 
-## execute the six notebooks in fast mode; executed copies and figures go to $(OUT)/
+## execute the six notebooks in fast mode (about 9 min here); copies, figures and index.md in out/
 run: setup
 	FRCNN_FAST=1 $(PY) tools/run_notebooks.py --out $(OUT)
 
@@ -40,7 +40,7 @@ run: setup
 notebooks-refresh: setup
 	FRCNN_FAST=1 $(PY) tools/run_notebooks.py --in-place
 
-## speed and memory figures, one `name: value` line each
+## speed, memory and learning figures, one `name: value` line each (long: six 500-step runs)
 bench: setup
 	$(PY) benchmarks/bench_ops.py
 	$(PY) benchmarks/bench_model.py
