@@ -8,7 +8,8 @@ Run from the repository root: ``python benchmarks/bench_research.py``. Prints
 ``custom_backbone_map50_ours``, ``custom_backbone_map50_torchvision`` (mAP@0.5, means over the
 seeds) and ``custom_backbone_map50_ours_minus_torchvision``. The runs alternate between the two
 models (ours seed 0, torchvision seed 0, ours seed 1, ...). ``--per-seed`` also prints each run.
-About 15 to 20 minutes per run on one CPU thread (torchvision's RoIAlign backward is most of a step).
+About 13 minutes of one CPU thread per run, 76 for all six (torchvision's RoIAlign backward is
+most of a step); more by the wall clock on a shared machine.
 """
 
 import argparse
