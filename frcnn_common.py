@@ -2393,7 +2393,6 @@ class TrainState:
         skipped_steps: steps whose update was skipped because a loss or gradient was not finite.
         bad_in_row: how many of the latest steps were skipped in a row.
         total_steps: the steps the learning-rate schedule was planned over (``fit`` sets it).
-        world_size: how many processes trained the run.
         history: per-step records, ``{"step": [...], "epoch": [...], "lr": [...], "total": [...],
             <each loss>: [...], "grad_norm": [...], "skipped": [...]}``.
 
@@ -2406,7 +2405,6 @@ class TrainState:
     skipped_steps: int = 0
     bad_in_row: int = 0
     total_steps: Optional[int] = None
-    world_size: int = 1
     history: Dict[str, List[float]] = field(default_factory=dict)
     epoch_rng: Optional[dict] = None  # random state at the start of the current epoch
     resume_rng: Optional[dict] = None  # random state to restore when a loaded run continues
@@ -2728,7 +2726,6 @@ def save_checkpoint(
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
         **state.saved_fields(),
-        "world_size": len(rng),
         "rng": rng,
         "epoch_rng": epoch_rng,
         "extra": extra,
@@ -2954,7 +2951,7 @@ def fit(
         scheduler = make_scheduler(optimizer, total_steps, warmup_steps, schedule)
     scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
 
-    state = TrainState(total_steps=total_steps, world_size=_rank_and_world_size()[1])
+    state = TrainState(total_steps=total_steps)
     if checkpoint_path is not None and resume and os.path.exists(checkpoint_path):
         state = _resume(checkpoint_path, model, optimizer, scheduler, scaler, epochs, total_steps,
                         say=progress and _is_main_process())
