@@ -5,6 +5,7 @@ import torch
 import torchvision.ops as tv
 
 import frcnn_common as fc
+import frcnn_ops
 from box_sets import rpn_like_boxes, uniform_boxes
 
 
@@ -297,9 +298,9 @@ def test_backend_switch_changes_the_implementation():
     idxs = torch.arange(200) % 3
     x = torch.randn(1, 2, 20, 20)
     calls = [  # (the kernel torchvision's backend must run, the call)
-        ("torchvision::nms", lambda: fc._run_op("nms", boxes, scores, 0.5)),
-        ("torchvision::nms", lambda: fc._run_op("batched_nms", boxes, scores, idxs, 0.5)),
-        ("torchvision::roi_align", lambda: fc._run_op("roi_align", x, [boxes[:5] / 4], 3, 0.25, 2)),
+        ("torchvision::nms", lambda: fc.run_op("nms", boxes, scores, 0.5)),
+        ("torchvision::nms", lambda: fc.run_op("batched_nms", boxes, scores, idxs, 0.5)),
+        ("torchvision::roi_align", lambda: fc.run_op("roi_align", x, [boxes[:5] / 4], 3, 0.25, 2)),
     ]
     results = {}
     for backend in ("torchvision", "pure"):
@@ -328,24 +329,24 @@ def test_ops_backend_context_restores_after_an_error():
     try:
         with pytest.raises(RuntimeError):
             with fc.ops_backend("pure"):
-                assert fc._ops_backend == "pure"
+                assert frcnn_ops._ops_backend == "pure"
                 raise RuntimeError
-        assert fc._ops_backend == "torchvision"
+        assert frcnn_ops._ops_backend == "torchvision"
     finally:
         fc.set_ops_backend(start)
 
 
 @pytest.mark.parametrize("backend", ["torchvision", "pure"])
-def test_private_ops_accept_low_precision_inputs(backend):
+def test_run_op_accepts_low_precision_inputs(backend):
     g = _gen(19)
     x = torch.randn(1, 3, 16, 16, generator=g)
     rois = _rois(g, n_images=1)[:12]
     boxes, scores = uniform_boxes(100, g)
     with fc.ops_backend(backend):
         # torchvision alone refuses a bfloat16 map with float32 boxes outside autocast
-        out = fc._run_op("roi_align", x.bfloat16(), rois, 3, 0.25, 2)
-        keep = fc._run_op("nms", boxes.half(), scores.half(), 0.5)
-        keep_b = fc._run_op("batched_nms", boxes.half(), scores.half(), torch.arange(100) % 2, 0.5)
+        out = fc.run_op("roi_align", x.bfloat16(), rois, 3, 0.25, 2)
+        keep = fc.run_op("nms", boxes.half(), scores.half(), 0.5)
+        keep_b = fc.run_op("batched_nms", boxes.half(), scores.half(), torch.arange(100) % 2, 0.5)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, tv.roi_align(x.bfloat16().float(), rois, 3, 0.25, 2).bfloat16())
     assert torch.equal(keep, tv.nms(boxes.half().float(), scores.half().float(), 0.5))
