@@ -2245,15 +2245,9 @@ def _gather_rng(rng: Optional[dict]) -> List[Optional[dict]]:
     return [rng]
 
 
-def save_checkpoint(
-    path: str,
-    model: nn.Module,
-    optimizer: Optional[torch.optim.Optimizer] = None,
-    scheduler=None,
-    scaler: Optional[torch.amp.GradScaler] = None,
-    state: Optional[TrainState] = None,
-    **extra,
-) -> None:
+def save_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    scheduler=None, scaler: Optional[torch.amp.GradScaler] = None,
+                    state: Optional[TrainState] = None, **extra) -> None:
     """Write everything a run needs to continue: the weights, the optimiser's momentum, the
     scheduler's step, the AMP scaler, the epoch/step and every rank's random state.
 
@@ -2321,15 +2315,9 @@ def _check_compatible(path: str, model: nn.Module, checkpoint: dict, weights: di
         )
 
 
-def load_checkpoint(
-    path: str,
-    model: nn.Module,
-    optimizer: Optional[torch.optim.Optimizer] = None,
-    scheduler=None,
-    scaler: Optional[torch.amp.GradScaler] = None,
-    *,
-    map_location="cpu",
-) -> TrainState:
+def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    scheduler=None, scaler: Optional[torch.amp.GradScaler] = None, *,
+                    map_location="cpu") -> TrainState:
     """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and the optimiser,
     scheduler and scaler when given) and return the :class:`TrainState` to continue from.
 
@@ -2488,13 +2476,10 @@ def fit(
     if gradient_checkpointing is not None:
         net.set_gradient_checkpointing(gradient_checkpointing)
     if steps_per_epoch is None:
-        try:
-            steps_per_epoch = len(train_loader)
-        except TypeError:
-            raise ValueError(
-                "fit: the loader has no length (a streaming dataset); pass steps_per_epoch=N "
-                "to say how many batches make one epoch."
-            ) from None
+        steps_per_epoch = _epoch_length(train_loader, None)
+    if steps_per_epoch is None:
+        raise ValueError("fit: the loader has no length (a streaming dataset); pass "
+                         "steps_per_epoch=N to say how many batches make one epoch.")
     if optimizer is None:
         optimizer = make_optimizer(model, lr=lr, momentum=momentum, weight_decay=weight_decay)
     total_steps = epochs * steps_per_epoch
@@ -2507,30 +2492,31 @@ def fit(
         state = _resume(checkpoint_path, model, optimizer, scheduler, scaler, epochs, total_steps,
                         say=progress and _is_main_process())
 
-    def save(current: TrainState) -> None:
-        if checkpoint_path is not None:
+    def save(current: TrainState, every: Optional[int] = 1) -> None:
+        if checkpoint_path is not None and every and current.step % every == 0:
             save_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, current)
 
-    def on_step(current: TrainState) -> None:
-        if checkpoint_every and current.step % checkpoint_every == 0:
-            save(current)
-
     while state.epoch < epochs:
-        for source in (getattr(train_loader, "sampler", None), getattr(train_loader, "dataset", None)):
-            if hasattr(source, "set_epoch"):
-                source.set_epoch(state.epoch)  # a new shuffle per epoch (DistributedSampler)
+        _set_epoch(train_loader, state.epoch)
         train_one_epoch(
             model, train_loader, optimizer, scheduler,
             device=device, amp=amp, scaler=scaler, max_grad_norm=max_grad_norm,
             max_bad_steps=max_bad_steps, max_steps=steps_per_epoch, progress=progress,
-            state=state, on_step=on_step,
+            state=state, on_step=lambda current: save(current, checkpoint_every),
         )
-        state.epoch += 1
-        state.batch_in_epoch = 0
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         save(state)
         if on_epoch_end is not None:
             on_epoch_end(state.epoch - 1, state)
     return state.history
+
+
+def _set_epoch(loader, epoch: int) -> None:
+    """Tell the loader's sampler and dataset which epoch starts: a new shuffle for each epoch
+    (``DistributedSampler``, ``COCOStreamDataset``)."""
+    for source in (getattr(loader, "sampler", None), getattr(loader, "dataset", None)):
+        if hasattr(source, "set_epoch"):
+            source.set_epoch(epoch)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -144,3 +144,13 @@ def coco_kit():
     return SimpleNamespace(SCENES=SCENES, BACKGROUND=BACKGROUND, draw_scene=draw_scene,
                            expected_objects=expected_objects, make_hub_dataset=make_hub_dataset,
                            write_coco_layout=write_coco_layout)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """Our ResNet-50 + FPN detector and torchvision's twin with the same random weights, both in
+    eval mode (see ``detectors.detector_pair``). Shared by a test module: a test that switches
+    the mode switches it back."""
+    from detectors import detector_pair
+
+    return detector_pair()

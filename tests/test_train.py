@@ -29,27 +29,18 @@ from frcnn_common import (
     save_checkpoint,
     setup_distributed,
     shapes_experiment,
-    tiny_detector,
     train_one_epoch,
     unwrap_model,
     wrap_distributed,
 )
+
+from detectors import small_detector
 
 CPU = torch.device("cpu")
 QUIET = dict(device=CPU, amp=False, progress=False)
 
 
 # ── helpers ──────────────────────────────────────────────────────────────────────────────────
-
-
-def small_detector(seed: int = 0, num_classes: int = 4) -> nn.Module:
-    """``tiny_detector`` made smaller still, so a step on 64 px images takes milliseconds."""
-    torch.manual_seed(seed)
-    return tiny_detector(
-        num_classes, widths=(16, 32, 32, 32), fpn_channels=32, hidden_dim=64,
-        rpn_kwargs=dict(pre_nms_top_n=(200, 100), post_nms_top_n=(100, 50)),
-        roi_kwargs=dict(batch_size_per_image=32),
-    )
 
 
 def shapes_loader(num_images: int = 6, batch_size: int = 2, shuffle: bool = True):

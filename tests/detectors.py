@@ -1,0 +1,40 @@
+"""The detectors the tests build, in one place (conftest.py offers them as fixtures too)."""
+
+import torch
+import torch.nn as nn
+
+import frcnn_common as fc
+from twin import torchvision_twin
+
+
+def detector_pair(seed: int = 0, num_classes: int = fc.NUM_CLASSES, **kwargs):
+    """Our ResNet-50 + FPN detector with random weights (statistics included), in eval mode, and
+    torchvision's twin of it holding the same weights.
+
+    The backbone's random weights are passed as "pretrained" ones, so that stages can be frozen as
+    with real weights; the classifier gets large weights so that random features still give
+    confident detections."""
+    torch.manual_seed(seed)
+    backbone_state = fc.ResNet50().state_dict()
+    model = fc.fasterrcnn_resnet50_fpn(num_classes, weights_backbone=backbone_state, frozen_bn=True,
+                                       trainable_layers=3, **kwargs)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, fc.FrozenBatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1.0, 0.1)
+                m.bias.normal_(0, 0.1)
+        model.roi_heads.predictor.cls_score.weight.normal_(0, 0.2)  # confident, yet no ties
+        model.roi_heads.predictor.cls_score.bias.zero_()
+    return model.eval(), torchvision_twin(model).eval()
+
+
+def small_detector(seed: int = 0, num_classes: int = 4) -> nn.Module:
+    """``tiny_detector`` made smaller still, so a step on 64 px images takes milliseconds."""
+    torch.manual_seed(seed)
+    return fc.tiny_detector(
+        num_classes, widths=(16, 32, 32, 32), fpn_channels=32, hidden_dim=64,
+        rpn_kwargs=dict(pre_nms_top_n=(200, 100), post_nms_top_n=(100, 50)),
+        roi_kwargs=dict(batch_size_per_image=32),
+    )
