@@ -2698,6 +2698,7 @@ SHAPES_RECIPE = dict(
     schedule="cosine",
     max_grad_norm=10.0,
     eval_images=200,
+    ops="pure",  # frcnn_ops' NMS and RoIAlign: faster here than torchvision's kernels (make bench)
 )
 """The synthetic-shapes experiment of :func:`shapes_experiment`: small enough to train from
 scratch in minutes on a laptop CPU, and the one place its settings live (the tests, the
@@ -2713,7 +2714,10 @@ def shapes_experiment(steps: Optional[int] = None, *, seed: int = 0, device=DEVI
     flipped); the score is COCO mAP from :func:`evaluate` on ``eval_images`` held-out images
     (seed ``seed + 1``). Seeded throughout, so a run gives the same numbers every time on the same
     machine and library versions. Float32 (``amp=False``): bfloat16 autocast is fast only on CPUs
-    with native bfloat16 (AVX512-BF16, AMX) and much slower on the many without it.
+    with native bfloat16 (AVX512-BF16, AMX) and much slower on the many without it. NMS and
+    RoIAlign come from the backend ``ops`` names (see :func:`set_ops_backend`): the recipe's
+    "pure" ops of ``frcnn_ops.py`` make a step of this detector faster on a CPU than torchvision's
+    kernels (``make bench``: ``synthetic_step_s_pure_ops`` against ``..._torchvision_ops``).
 
     Args:
         steps: training steps; default ``SHAPES_RECIPE["steps"]``.
@@ -2736,13 +2740,14 @@ def shapes_experiment(steps: Optional[int] = None, *, seed: int = 0, device=DEVI
     held_out = SyntheticShapesDataset(config["eval_images"], seed=seed + 1, **shapes)
     model = model if model is not None else tiny_detector(train.num_classes)
     start, start_cpu = time.perf_counter(), time.process_time()
-    history = fit(model, make_loader(train, config["batch_size"]), 1, lr=config["lr"],
-                  warmup_steps=config["warmup_steps"], schedule=config["schedule"],
-                  max_grad_norm=config["max_grad_norm"],
-                  device=device, amp=False, progress=progress)
-    train_seconds = time.perf_counter() - start
-    train_cpu_seconds = time.process_time() - start_cpu
-    metrics = evaluate(model, make_loader(held_out, 20, shuffle=False), progress=progress)
+    with ops_backend(config["ops"]):
+        history = fit(model, make_loader(train, config["batch_size"]), 1, lr=config["lr"],
+                      warmup_steps=config["warmup_steps"], schedule=config["schedule"],
+                      max_grad_norm=config["max_grad_norm"],
+                      device=device, amp=False, progress=progress)
+        train_seconds = time.perf_counter() - start
+        train_cpu_seconds = time.process_time() - start_cpu
+        metrics = evaluate(model, make_loader(held_out, 20, shuffle=False), progress=progress)
     return {"model": model, "history": history, "metrics": metrics, "held_out": held_out,
             "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds}
 

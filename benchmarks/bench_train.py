@@ -14,6 +14,8 @@ Prints one ``name: value`` line per figure:
   with gradient checkpointing off and on; ``train_step_rss_growth_mb_*`` is that peak minus the
   resident memory just before the step (activations, gradients, optimiser state). The children
   run with ``MALLOC_MMAP_THRESHOLD_`` set so that freed memory leaves the process at once.
+* ``synthetic_step_s_{torchvision,pure}_ops``: seconds per training step of ``tiny_detector`` on
+  one batch of the recipe (8 images, 128 px) with each ops backend, medians of alternating steps.
 * ``synthetic_map50`` / ``synthetic_train_seconds``: ``shapes_experiment()``, the small detector
   trained from scratch on the synthetic shapes and scored (COCO AP at IoU 0.5) on held-out images.
 * ``--r50-curve``: the ResNet-50 + FPN detector trained briefly on the synthetic shapes; prints its
@@ -130,6 +132,27 @@ def peak_memory() -> None:
     report("train_step_rss_growth_ckpt_on_over_off", growth["on"] / growth["off"])
 
 
+def synthetic_step_by_ops(repeats: int) -> None:
+    """Seconds per training step of ``tiny_detector`` on the recipe's batches, with each ops
+    backend, steps alternating between the two backends (same model, same batches)."""
+    recipe = fc.SHAPES_RECIPE
+    data = fc.SyntheticShapesDataset(recipe["batch_size"], recipe["image_size"], seed=0, train=True,
+                                     object_size=recipe["object_size"])
+    images, targets = next(iter(fc.make_loader(data, recipe["batch_size"], shuffle=False)))
+    torch.manual_seed(0)
+    model = fc.tiny_detector(data.num_classes).train()
+    optimizer = fc.make_optimizer(model, lr=0.01)
+
+    def step(backend):
+        with fc.ops_backend(backend):
+            fc.train_step(model, images, targets, optimizer)
+
+    tv, pure = side_by_side([lambda: step("torchvision"), lambda: step("pure")], repeats * 4)
+    report("synthetic_step_s_torchvision_ops", tv)
+    report("synthetic_step_s_pure_ops", pure)
+    report("synthetic_step_pure_over_torchvision_ops", pure / tv)
+
+
 def synthetic_proof() -> None:
     result = fc.shapes_experiment(progress=False)
     report("synthetic_map50", result["metrics"]["AP50"])
@@ -173,6 +196,7 @@ def main() -> None:
     if "memory" not in args.skip:
         peak_memory()
     if "synthetic" not in args.skip:
+        synthetic_step_by_ops(args.repeats)
         synthetic_proof()
     if args.r50_curve:
         r50_curve(args.r50_curve, max(1, args.r50_curve // 10))

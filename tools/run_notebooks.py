@@ -9,9 +9,9 @@ Each notebook runs with ``notebooks/`` as its working directory (so ``checkpoint
 05 is read by 06), with ``FRCNN_FAST=1`` unless ``--full`` is given, and with matplotlib's inline
 backend so that figures become PNG outputs. ``--out DIR`` writes the executed notebooks and every
 PNG figure, named like ``03_rpn_fig02.png``, into DIR. The script prints each notebook's run time
-and, when a cell fails, the notebook, the cell number, its first lines and the error, then stops
-with exit status 1 (the partly executed copy is still written under ``--out``; ``--in-place``
-leaves a failing notebook unchanged).
+and its three slowest cells (on stderr) and, when a cell fails, the notebook, the cell number,
+its first lines and the error, then stops with exit status 1 (the partly executed copy is still
+written under ``--out``; ``--in-place`` leaves a failing notebook unchanged).
 
 Figures are stored as 256-colour PNGs (``--full-colour`` keeps them as rendered), which keeps the
 committed notebooks small; progress bars are ipywidgets whose final state is saved in the
@@ -70,6 +70,7 @@ def execute(path: Path, timeout: int, kernel: str, progress: bool = True):
 
     start = time.perf_counter()
     failure = None
+    cell_times = []  # (seconds, cell index, source) of each code cell that ran
     code_cells = sum(cell.cell_type == "code" for cell in nb.cells)
     bar = tqdm(total=code_cells, desc=f"  {path.name}", unit="cell", disable=not progress,
                leave=False, file=sys.stderr, dynamic_ncols=True)
@@ -81,11 +82,13 @@ def execute(path: Path, timeout: int, kernel: str, progress: bool = True):
                 for index, cell in enumerate(nb.cells):
                     if cell.cell_type != "code":
                         continue
+                    cell_start = time.perf_counter()
                     try:
                         client.execute_cell(cell, index)
                     except (CellExecutionError, CellTimeoutError) as err:
                         failure = describe_failure(path, index, len(nb.cells), cell, err)
                         break
+                    cell_times.append((time.perf_counter() - cell_start, index, cell.source))
                     bar.update(1)
                 client.set_widgets_metadata()  # the progress bars' final state
         except DeadKernelError as err:
@@ -97,6 +100,10 @@ def execute(path: Path, timeout: int, kernel: str, progress: bool = True):
             if lines:
                 failure += "  kernel log:\n" + "\n".join("    " + line for line in lines[-15:]) + "\n"
     bar.close()
+    if progress:
+        for seconds, index, source in sorted(cell_times, reverse=True)[:3]:
+            first = next((line for line in source.splitlines() if line.strip()), "")[:60]
+            print(f"      {seconds:6.1f} s  cell {index + 1}: {first}", file=sys.stderr)
     return nb, time.perf_counter() - start, failure
 
 
