@@ -32,7 +32,7 @@ unit: setup
 notebooks: setup
 	FRCNN_FAST=1 MPLBACKEND=Agg $(PY) -m pytest -q --nbval-lax -p no:cacheprovider notebooks
 
-## execute the six notebooks in fast mode (about 9 min here); copies, figures and index.md in out/
+## execute the six notebooks in fast mode (about 6 min here); copies, figures and index.md in out/
 run: setup
 	FRCNN_FAST=1 $(PY) tools/run_notebooks.py --out $(OUT)
 

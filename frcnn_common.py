@@ -2716,8 +2716,9 @@ def shapes_experiment(steps: Optional[int] = None, *, seed: int = 0, device=DEVI
     machine and library versions. Float32 (``amp=False``): bfloat16 autocast is fast only on CPUs
     with native bfloat16 (AVX512-BF16, AMX) and much slower on the many without it. NMS and
     RoIAlign come from the backend ``ops`` names (see :func:`set_ops_backend`): the recipe's
-    "pure" ops of ``frcnn_ops.py`` make a step of this detector faster on a CPU than torchvision's
-    kernels (``make bench``: ``synthetic_step_s_pure_ops`` against ``..._torchvision_ops``).
+    "pure" ops of ``frcnn_ops.py`` made a step of this detector faster than torchvision's kernels
+    on the course's 2-core CPU (``make bench``: ``synthetic_step_s_pure_ops`` against
+    ``..._torchvision_ops``).
 
     Args:
         steps: training steps; default ``SHAPES_RECIPE["steps"]``.
