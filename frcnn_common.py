@@ -1312,7 +1312,7 @@ class RegionProposalNetwork(nn.Module):
             keep = remove_small_boxes(img_boxes, self.min_size)
             keep = keep[img_scores[keep] >= self.score_thresh]
             keep = keep[run_op("batched_nms", img_boxes[keep], img_scores[keep], levels[keep],
-                                    self.nms_thresh)]
+                               self.nms_thresh)]
             proposals.append(img_boxes[keep[:post_n]])
         return proposals
 
@@ -1374,14 +1374,14 @@ class ROIAlign(nn.Module):
         rois = rois_from_boxes(boxes)
         if len(features) == 1:
             return run_op("roi_align", features[0], rois, self.output_size, scales[0],
-                           self.sampling_ratio)
+                          self.sampling_ratio)
         k_min, k_max = -round(math.log2(scales[0])), -round(math.log2(scales[-1]))
         levels = self.level_of(rois[:, 1:], k_min, k_max)
         pooled = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
         for lvl, (feature, scale) in enumerate(zip(features, scales)):
             idx = torch.where(levels == lvl)[0]
             pooled[idx] = run_op("roi_align", feature, rois[idx], self.output_size, scale,
-                                  self.sampling_ratio).to(pooled.dtype)
+                                 self.sampling_ratio).to(pooled.dtype)
         return pooled
 
 
@@ -1508,7 +1508,7 @@ class ROIHeads(nn.Module):
             keep = torch.where(img_scores > self.score_thresh)[0]
             keep = keep[remove_small_boxes(img_boxes[keep], self.min_size)]
             keep = keep[run_op("batched_nms", img_boxes[keep], img_scores[keep], classes[keep],
-                                    self.nms_thresh)]
+                               self.nms_thresh)]
             keep = keep[: self.detections_per_img]
             results.append({"boxes": img_boxes[keep], "scores": img_scores[keep], "labels": classes[keep]})
         return results

@@ -73,7 +73,7 @@ def _same_group(g_a: Tensor, g_b: Tensor, dtype: torch.dtype) -> Tensor:
 def _one_cpu_thread(device: torch.device) -> Iterator[None]:
     """Run the block below on one CPU thread (no-op elsewhere, or when already single-threaded).
 
-    The ops of this section run serially on the CPU, like torchvision's CPU kernels. NMS makes many
+    The ops of this file run serially on the CPU, like torchvision's CPU kernels. NMS makes many
     small tensor ops, where threads save little; and when the cores are shared with other processes
     every parallel op waits for its slowest thread: on 2 busy cores, 2 threads made NMS 5-9x and
     RoIAlign 2-5x slower than 1 thread. ``torch.set_num_threads`` is process-wide, so ops of other
@@ -415,7 +415,7 @@ def roi_align(
 
 OPS_BACKENDS = ("torchvision", "pure")
 """The implementations of nms / batched_nms / roi_align the model can use: torchvision's compiled
-kernels, or the tensor-operation versions of this section."""
+kernels, or the tensor-operation versions of this file."""
 
 _ops_backend = os.environ.get("FRCNN_OPS_BACKEND", "torchvision")
 if _ops_backend not in OPS_BACKENDS:
@@ -455,7 +455,7 @@ def _to_dtype(value, dtype: torch.dtype):
 
 
 def run_op(name: str, *args):
-    """Op ``name`` ("nms", "batched_nms" or "roi_align") of the backend in use: this section's
+    """Op ``name`` ("nms", "batched_nms" or "roi_align") of the backend in use: this file's
     function, or torchvision's kernel. Both compute in float32 (float64 stays float64) with
     autocast off, and a floating result comes back in the first input's dtype, so either backend
     gives the same numbers under autocast or on half-precision inputs."""
