@@ -11,11 +11,11 @@ OUT    ?= out
 help:
 	@awk '/^## /{text=substr($$0, 4); next} /^[a-z-]+:/{if (text) printf "  make %-18s %s\n", substr($$1, 1, length($$1)-1), text; text=""}' $(MAKEFILE_LIST)
 
-## create .venv and install requirements.txt and the module (about a minute, once)
+## create .venv and install requirements.txt and the module (about 1.5 min here, once)
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt pyproject.toml
-	@echo "Installing the course's packages into $(VENV) (about a minute, once)..."
+	@echo "Installing the course's packages into $(VENV) (about 1.5 min here, once)..."
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
@@ -23,7 +23,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -c "import torch, torchvision, datasets, pycocotools, nbval, matplotlib, tqdm, frcnn_common"
 	touch $@
 
-## unit tests, then every notebook executed by nbval in fast mode (CPU, offline; see README for its time)
+## unit tests, then every notebook executed by nbval in fast mode (CPU, offline; about 11 min here)
 test: unit notebooks
 
 unit: setup
@@ -40,7 +40,7 @@ run: setup
 notebooks-refresh: setup
 	FRCNN_FAST=1 $(PY) tools/run_notebooks.py --in-place
 
-## speed, memory and learning figures, one `name: value` line each (long: six 500-step runs)
+## speed, memory and learning figures, one `name: value` line each (over an hour here: six 500-step runs)
 bench: setup
 	$(PY) benchmarks/bench_ops.py
 	$(PY) benchmarks/bench_model.py
