@@ -266,7 +266,7 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
 # NMS and RoIAlign, written in tensor operations in ``frcnn_ops.py`` (the course's counterpart of
 # ``torchvision.ops``). The model calls them through ``run_op``, which uses torchvision's compiled
 # kernels by default and these ones with ``set_ops_backend("pure")`` or ``FRCNN_OPS_BACKEND=pure``.
-from frcnn_ops import (  # noqa: E402  (kept here, in the section it belongs to)
+from frcnn_ops import (  # noqa: E402, F401  (here, in the section they belong to; re-exported)
     OPS_BACKENDS, batched_nms, nms, ops_backend, roi_align, rois_from_boxes, run_op,
     set_ops_backend,
 )
