@@ -267,7 +267,7 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
 # ``torchvision.ops``). The model calls them through ``run_op``, which uses torchvision's compiled
 # kernels by default and these ones with ``set_ops_backend("pure")`` or ``FRCNN_OPS_BACKEND=pure``.
 from frcnn_ops import (  # noqa: E402, F401  (here, in the section they belong to; re-exported)
-    OPS_BACKENDS, batched_nms, nms, ops_backend, roi_align, rois_from_boxes, run_op,
+    OPS_BACKENDS, batched_nms, cpu_threads, nms, ops_backend, roi_align, rois_from_boxes, run_op,
     set_ops_backend,
 )
 
@@ -2670,11 +2670,13 @@ def tiny_detector(num_classes: int, widths: Sequence[int] = (32, 64, 64, 64),
     size scaled down from 224 to 64 px (level 4): a box of side s goes to level
     ``floor(4 + log2(s / 64))``, so every box spans 4 to 8 cells of its level (ResNet-50 + FPN's
     rule gives 14 to 28 at 800 px). With the COCO value, 224, every shape here would land on P2.
-    Measured on one CPU thread, 8 images a step: with 64 the recipe's 900 steps reach a held-out
-    AP50 of 0.99; a canonical size of 32 (boxes spanning 2 to 4 cells) reached 0.44 after 600
-    steps, 32 FPN channels 0.69 after 500, and 450 steps with these settings 0.66. A 256-wide box
-    head and fewer proposals and sampled ROIs than COCO's defaults (a few objects per image need
-    no more). ``overrides`` replace any ``FasterRCNN`` argument.
+    Measured on one CPU thread, 8 images a step: with 64 the recipe's 850 steps reach a held-out
+    AP50 of 0.979 and 0.998 (seeds 0 and 1; 900 steps: 0.987); a canonical size of 32 (boxes
+    spanning 2 to 4 cells) reached 0.44 after 600 steps, 32 FPN channels 0.69 after 500, and 450
+    steps with these settings 0.66; 800 steps 0.89 in one run. A 256-wide box head and fewer
+    proposals and sampled ROIs than COCO's defaults (a few objects per image need no more; cutting
+    the training proposals to 300 per level made one run fail, AP50 0.03). ``overrides`` replace
+    any ``FasterRCNN`` argument.
     """
     settings = dict(
         use_fpn=True, fpn_channels=64,
@@ -2689,7 +2691,7 @@ def tiny_detector(num_classes: int, widths: Sequence[int] = (32, 64, 64, 64),
 
 
 SHAPES_RECIPE = dict(
-    steps=900,  # training steps (batches), every image a new one
+    steps=850,  # training steps (batches), every image a new one
     batch_size=8,
     image_size=128,
     object_size=(0.12, 0.7),  # shape sides 15 to 90 px: pooled from P2, P3 and P4
@@ -2706,7 +2708,8 @@ benchmark and the notebooks all run it from here)."""
 
 
 def shapes_experiment(steps: Optional[int] = None, *, seed: int = 0, device=DEVICE,
-                      progress: bool = True, model: Optional[nn.Module] = None, **recipe) -> dict:
+                      progress: bool = True, model: Optional[nn.Module] = None,
+                      threads: Optional[int] = None, **recipe) -> dict:
     """Train :func:`tiny_detector` (or ``model``) from scratch on :class:`SyntheticShapesDataset`
     and score it.
 
@@ -2722,6 +2725,9 @@ def shapes_experiment(steps: Optional[int] = None, *, seed: int = 0, device=DEVI
 
     Args:
         steps: training steps; default ``SHAPES_RECIPE["steps"]``.
+        threads: torch CPU threads while training and evaluating (default: as set; restored
+            afterwards). Notebook 05 passes 2 on a 2-core machine: ``make bench`` compares
+            ``synthetic_step_s_pure_ops`` (1 thread) with ``synthetic_step_s_pure_ops_2_threads``.
         recipe: overrides of ``SHAPES_RECIPE`` (``batch_size``, ``image_size``, ``lr``, ...).
 
     Returns:
@@ -2741,7 +2747,7 @@ def shapes_experiment(steps: Optional[int] = None, *, seed: int = 0, device=DEVI
     held_out = SyntheticShapesDataset(config["eval_images"], seed=seed + 1, **shapes)
     model = model if model is not None else tiny_detector(train.num_classes)
     start, start_cpu = time.perf_counter(), time.process_time()
-    with ops_backend(config["ops"]):
+    with ops_backend(config["ops"]), cpu_threads(threads):
         history = fit(model, make_loader(train, config["batch_size"]), 1, lr=config["lr"],
                       warmup_steps=config["warmup_steps"], schedule=config["schedule"],
                       max_grad_norm=config["max_grad_norm"],
@@ -2768,7 +2774,8 @@ def shapes_detector(checkpoint: str, fallback: Optional[str] = None, *, progress
     """The shapes detector that notebook 05 trains and saves at ``checkpoint``, in eval mode.
 
     When ``checkpoint`` does not exist (notebook 06 run on its own), the detector is trained
-    with :func:`shapes_experiment` (``recipe`` overrides ``SHAPES_RECIPE``) and saved at
+    with :func:`shapes_experiment` (``recipe``: its keyword arguments, such as ``threads`` or
+    overrides of ``SHAPES_RECIPE``) and saved at
     ``fallback`` (default: ``checkpoint`` with ``_fallback`` added to its name), never under
     ``checkpoint``, whose name promises 05's run; a later call loads the fallback.
     """

@@ -70,24 +70,30 @@ def _same_group(g_a: Tensor, g_b: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 @contextlib.contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run the block below on one CPU thread (no-op elsewhere, or when already single-threaded).
+def cpu_threads(count: Optional[int]) -> Iterator[None]:
+    """Run the block below with ``count`` torch CPU threads, then restore the previous count, also
+    after an error. ``None`` (or the current count) changes nothing. ``torch.set_num_threads`` is
+    process-wide, so ops of other Python threads use ``count`` meanwhile too."""
+    previous = torch.get_num_threads()
+    if count is None or count == previous:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _one_cpu_thread(device: torch.device):
+    """Context: the block below on one CPU thread (nothing changes on other devices).
 
     The ops of this file run serially on the CPU, like torchvision's CPU kernels. NMS makes many
     small tensor ops, where threads save little; and when the cores are shared with other processes
     every parallel op waits for its slowest thread: on 2 busy cores, 2 threads made NMS 5-9x and
-    RoIAlign 2-5x slower than 1 thread. ``torch.set_num_threads`` is process-wide, so ops of other
-    Python threads run single-threaded meanwhile too.
+    RoIAlign 2-5x slower than 1 thread.
     """
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    return cpu_threads(1 if device.type == "cpu" else None)
 
 
 def _nms_block_size(device: torch.device) -> int:

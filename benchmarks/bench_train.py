@@ -15,7 +15,9 @@ Prints one ``name: value`` line per figure:
   resident memory just before the step (activations, gradients, optimiser state). The children
   run with ``MALLOC_MMAP_THRESHOLD_`` set so that freed memory leaves the process at once.
 * ``synthetic_step_s_{torchvision,pure}_ops``: seconds per training step of ``tiny_detector`` on
-  one batch of the recipe (8 images, 128 px) with each ops backend, medians of alternating steps.
+  one batch of the recipe (8 images, 128 px) with each ops backend, medians of alternating steps
+  (``--threads``, default 1); ``..._pure_ops_2_threads``: the pure ops with 2 threads, alternating
+  with the others, as notebook 05 trains.
 * ``synthetic_map50`` / ``synthetic_train_seconds``: ``shapes_experiment()``, the small detector
   trained from scratch on the synthetic shapes and scored (COCO AP at IoU 0.5) on held-out images.
 * ``--r50-curve``: the ResNet-50 + FPN detector trained briefly on the synthetic shapes; prints its
@@ -143,14 +145,17 @@ def synthetic_step_by_ops(repeats: int) -> None:
     model = fc.tiny_detector(data.num_classes).train()
     optimizer = fc.make_optimizer(model, lr=0.01)
 
-    def step(backend):
-        with fc.ops_backend(backend):
+    def step(backend, threads=None):
+        with fc.ops_backend(backend), fc.cpu_threads(threads):
             fc.train_step(model, images, targets, optimizer)
 
-    tv, pure = side_by_side([lambda: step("torchvision"), lambda: step("pure")], repeats * 4)
+    tv, pure, pure_2 = side_by_side([lambda: step("torchvision"), lambda: step("pure"),
+                                     lambda: step("pure", 2)], repeats * 4)
     report("synthetic_step_s_torchvision_ops", tv)
     report("synthetic_step_s_pure_ops", pure)
     report("synthetic_step_pure_over_torchvision_ops", pure / tv)
+    report("synthetic_step_s_pure_ops_2_threads", pure_2)
+    report("synthetic_step_2_threads_over_1_pure_ops", pure_2 / pure)
 
 
 def synthetic_proof() -> None:

@@ -113,6 +113,21 @@ def test_ops_leave_the_thread_count_as_it_was():
         torch.set_num_threads(threads)
 
 
+def test_cpu_threads_sets_the_count_inside_and_restores_it_after_an_error():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with pytest.raises(RuntimeError):
+            with fc.cpu_threads(2):
+                assert torch.get_num_threads() == 2
+                raise RuntimeError
+        assert torch.get_num_threads() == 1
+        with fc.cpu_threads(None):
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ─── batched_nms ──────────────────────────────────────────────────────────────────────────────
 
 
