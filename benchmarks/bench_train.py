@@ -135,8 +135,9 @@ def peak_memory() -> None:
 
 
 def synthetic_step_by_ops(repeats: int) -> None:
-    """Seconds per training step of ``tiny_detector`` on the recipe's batches, with each ops
-    backend, steps alternating between the two backends (same model, same batches)."""
+    """Seconds per training step of ``tiny_detector`` on one batch of the recipe: torchvision's
+    ops, the pure ops, and the pure ops on 2 threads, steps alternating between the three (same
+    model, same batch)."""
     recipe = fc.SHAPES_RECIPE
     data = fc.SyntheticShapesDataset(recipe["batch_size"], recipe["image_size"], seed=0, train=True,
                                      object_size=recipe["object_size"])

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from frcnn_common import (
     COCO_NAMES, IMAGENET_MEAN, IMAGENET_STD, SHAPE_NAMES, COCOStreamDataset,
-    SyntheticShapesDataset, boxes_to_original, frcnn_collate_fn,
+    SyntheticShapesDataset, boxes_to_original, cpu_threads, frcnn_collate_fn,
 )
 
 
@@ -410,15 +410,11 @@ def test_synthetic_flip_and_loader():
 
 def test_synthetic_is_fast():
     data = SyntheticShapesDataset(100, image_size=128)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # all the work on this thread, so that its CPU time measures it
-    try:
+    with cpu_threads(1):  # all the work on this thread, so that its CPU time measures it
         start = time.thread_time()  # CPU time: other processes on the machine cannot inflate it
         for i in range(100):
             data[i]
         seconds = (time.thread_time() - start) / 100
-    finally:
-        torch.set_num_threads(threads)
     assert seconds < 0.02  # seconds per image, about 10x what it takes
 
 

@@ -460,13 +460,9 @@ def test_small_detector_learns_the_shapes():
                        anchor_sizes=(16, 32, 64), hidden_dim=256,
                        rpn_kwargs=dict(pre_nms_top_n=(600, 300), post_nms_top_n=(300, 100)),
                        roi_kwargs=dict(batch_size_per_image=64))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the shared CI cores: see bench_train.py --threads
-    try:
-        result = shapes_experiment(200, warmup_steps=20, eval_images=100, object_size=(0.12, 0.5),
-                                   model=model, device=CPU, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    result = shapes_experiment(200, warmup_steps=20, eval_images=100, object_size=(0.12, 0.5),
+                               model=model, device=CPU, progress=False,
+                               threads=1)  # the shared CI cores: see bench_train.py --threads
     total = result["history"]["total"]
     assert sum(result["history"]["skipped"]) == 0
     assert sum(total[-20:]) < 0.5 * sum(total[:20])
