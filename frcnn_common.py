@@ -5,13 +5,15 @@ bottom in the order data flows through a detector:
 
 1. constants          image size, classes, device, ImageNet statistics, COCO names
 2. box utilities/ops  IoU, the box coder; NMS and RoIAlign (from frcnn_ops.py)
-3. data               the COCO stream, local and synthetic sources, collate
+3. data               samples, the COCO stream (its files read by frcnn_sources.py), synthetic
+                      shapes, collate
 4. backbone           ResNet-50 with frozen BatchNorm, the feature pyramid
 5. RPN                anchors, the RPN head, proposals and their losses
 6. ROI head           multi-level RoIAlign, the two-layer head, the predictor
 7. detector           ``FasterRCNN``, its factories, loading torchvision's weights
 8. training           one epoch with AMP, checkpoints, the fit loop
 9. evaluation         COCO mAP with pycocotools, drawing helpers
+10. course helpers    notebook set-up, showing code, checked exercises
 
 Conventions used throughout
 ---------------------------
@@ -28,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import io
-import json
 import math
 import os
 import random
@@ -45,7 +46,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
@@ -102,37 +102,6 @@ head index classes by these ids; the course uses the contiguous labels."""
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 """Upper bound on the predicted log-scale deltas dw, dh before ``exp``: a box may grow at most
 1000/16 = 62.5 times its reference, which keeps ``exp`` finite early in training."""
-
-
-def unreachable_reason(url: str, timeout: float = 5.0) -> Optional[str]:
-    """``None`` if the server of ``url`` answers a HEAD request within ``timeout`` seconds (any
-    HTTP status counts as an answer), else why not, in words.
-
-    Downloads (the Hugging Face hub, torchvision's weights) otherwise hang for minutes on a
-    machine without a network. The request honours proxy settings and runs in a daemon thread,
-    so that even a stuck DNS lookup or a silent server cannot block the caller.
-    """
-    import threading
-    import urllib.error
-    import urllib.request
-
-    outcome: List[Optional[BaseException]] = []
-
-    def probe() -> None:
-        try:
-            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout)
-            outcome.append(None)
-        except urllib.error.HTTPError:  # the server answered, if only with an error code
-            outcome.append(None)
-        except Exception as err:  # noqa: BLE001 - any other failure means "unreachable"
-            outcome.append(err)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 0.5)
-    if not outcome:
-        return f"{url} gave no answer within {timeout:g} s"
-    return None if outcome[0] is None else f"{url} is unreachable ({outcome[0]})"
 
 
 def _rank_and_world_size() -> Tuple[int, int]:
@@ -291,10 +260,9 @@ from frcnn_ops import (  # noqa: E402, F401  (here, in the section they belong t
 # are mapped back to the original pixels for evaluation. All values are tensors, so a training
 # loop may move a whole target to the GPU with ``{k: v.to(device) for k, v in target.items()}``.
 
-HUB_COCO = "detection-datasets/coco"
-"""The Hugging Face hub copy of COCO 2017 that ``COCOStreamDataset`` streams by default: splits
-``train`` (118k images) and ``val`` (5k), boxes absolute ``[x_min, y_min, x_max, y_max]``,
-``objects.category`` a ClassLabel 0..79 whose names are ``COCO_NAMES[1:]``."""
+# Reading COCO's files, from the hub or from disk, lives in ``frcnn_sources.py``: it opens every
+# kind of source into rows and a function that turns a row into a record (image, boxes, labels).
+from frcnn_sources import HUB_COCO, check_hub, open_source, unreachable_reason  # noqa: E402, F401
 
 SHAPE_NAMES = ["__background__", "circle", "square", "triangle"]
 """Class names of ``SyntheticShapesDataset``: index 0 is the background, as in ``COCO_NAMES``."""
@@ -320,7 +288,8 @@ def resized_size(height: int, width: int, resize: Optional[str] = "shorter",
     * ``"shorter"``: keep the aspect ratio, shorter side ``min_size``, longer side at most
       ``max_size`` (default ``min_size * 1333 / 800``, torchvision's ratio). The scale and the
       rounding down are torchvision's ``GeneralizedRCNNTransform``, so ``min_size=800,
-      max_size=1333`` reproduces the input its published COCO weights were evaluated on.
+      max_size=1333`` reproduces the input its published COCO weights were evaluated on. Objects
+      keep their shape, and a 640 x 480 image costs 533 x 400 pixels rather than 400 x 400.
     * ``"square"``: ``min_size x min_size``, stretching the image (the seed's behaviour).
     * ``None``: keep the original size.
     """
@@ -359,12 +328,8 @@ def boxes_to_original(boxes: Tensor, target: Dict[str, Tensor]) -> Tensor:
 
 class SampleOptions:
     """How a dataset turns its images into samples: the resize (see :func:`resized_size`) and the
-    training-time options of :func:`make_sample`. Shared by both datasets, checked once here.
-
-    ``train`` drops crowd regions and defaults ``flip_prob`` to 0.5 (else 0); ``skip_empty``
-    defaults to ``train``: evaluation keeps images without objects, since false detections on
-    them count.
-    """
+    training-time options of :func:`make_sample`, with the defaults :class:`COCOStreamDataset`
+    documents. Shared by both datasets, checked once here."""
 
     def __init__(self, resize: Optional[str], min_size: int, max_size: Optional[int], train: bool,
                  flip_prob: Optional[float], skip_empty: Optional[bool] = None):
@@ -441,107 +406,6 @@ def make_sample(image, boxes: Tensor, labels: Tensor, image_id: int,
 # The COCO stream ───────────────────────────────────────────────────────────────────────────────
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
-def _hub_error(name: str, reason: str) -> ConnectionError:
-    if name != HUB_COCO:
-        reason += f" (and {name!r} is no local directory either)"
-    return ConnectionError(
-        f"Cannot stream {name!r} from the Hugging Face hub: {reason}.\n"
-        "Offline alternatives, passed as `source=`:\n"
-        "  * a directory with a local copy of the hub's parquet files (data/train-*.parquet, "
-        "data/val-*.parquet),\n"
-        "  * a COCO 2017 directory in the official layout (annotations/instances_val2017.json "
-        "and val2017/, the same for train),\n"
-        "  * a datasets.Dataset or IterableDataset with the hub's features;\n"
-        "or train on SyntheticShapesDataset(...), the built-in offline data.")
-
-
-def check_hub(name: str = HUB_COCO, timeout: float = 5.0) -> None:
-    """Raise a ``ConnectionError`` naming the offline sources unless the hub answers in time.
-
-    Offline mode (``HF_HUB_OFFLINE=1`` or ``HF_DATASETS_OFFLINE=1``) fails at once. Otherwise one
-    HEAD request goes to ``HF_ENDPOINT`` (default https://huggingface.co, through any proxy set
-    in the environment) and gets ``timeout`` seconds, name resolution included (see
-    :func:`unreachable_reason`); ``datasets`` itself would retry for tens of seconds first.
-    """
-    if _env_flag("HF_HUB_OFFLINE") or _env_flag("HF_DATASETS_OFFLINE"):
-        raise _hub_error(name, "offline mode is on (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)")
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    reason = unreachable_reason(endpoint, timeout)
-    if reason:
-        raise _hub_error(name, reason)
-
-
-def _category_labels(features) -> List[int]:
-    """Contiguous label (1..80) of each category index of a hub-schema dataset, by name.
-
-    The hub stores ``objects.category`` as a ClassLabel 0..79; its names are looked up in
-    ``COCO_NAMES`` rather than trusting that index + 1 is the right label.
-    """
-    feature = features.get("objects") if features else None
-    feature = getattr(feature, "feature", feature)  # List({...}) -> {...}
-    feature = feature.get("category") if isinstance(feature, dict) else None
-    names = getattr(getattr(feature, "feature", feature), "names", None)  # List(ClassLabel)
-    if names is None:
-        raise ValueError(
-            "cannot read the category names: the source's features need `objects.category` as a "
-            f"datasets.ClassLabel with the 80 COCO names (features: {features}). Cast the column "
-            "with `ds.cast_column(...)` or pass the hub's files with their dataset_infos.json.")
-    unknown = [n for n in names if n not in COCO_NAMES[1:]]
-    if unknown:
-        raise ValueError(f"categories {unknown} of the source are not COCO categories (COCO_NAMES)")
-    return [COCO_NAMES.index(n) for n in names]
-
-
-def _read_coco_layout(root: str, split: str) -> List[dict]:
-    """One record per image of ``root/annotations/instances_{split}2017.json``.
-
-    A record holds the image path, its id, and boxes [G, 4] converted from COCO's ``[x, y, w, h]``
-    to ``x1, y1, x2, y2``; the sparse category ids (1..90) become labels 1..80 by name.
-    """
-    path = os.path.join(root, "annotations", f"instances_{split}2017.json")
-    if not os.path.isfile(path):
-        found = sorted(glob.glob(os.path.join(root, "annotations", "instances_*2017.json")))
-        raise FileNotFoundError(f"{path} does not exist: split {split!r} is not in this COCO "
-                                f"directory (annotation files found: {found})")
-    with open(path) as f:
-        coco = json.load(f)
-    if not coco.get("images"):
-        raise ValueError(f"{path} lists no images: an instances file needs 'images', "
-                         "'annotations' and 'categories' (the official COCO format)")
-    label_of = {}
-    for category in coco.get("categories", []):
-        if category["name"] not in COCO_NAMES[1:]:
-            raise ValueError(f"category {category} of {path} is not a COCO category (COCO_NAMES)")
-        label_of[category["id"]] = COCO_NAMES.index(category["name"])
-    annotations = {image["id"]: [] for image in coco["images"]}
-    for ann in coco.get("annotations", []):
-        if ann["category_id"] not in label_of:
-            raise ValueError(f"annotation {ann.get('id')} of {path} has category_id "
-                             f"{ann['category_id']}, which is not among the file's categories "
-                             f"(ids {sorted(label_of)})")
-        if ann["image_id"] not in annotations:
-            raise ValueError(f"annotation {ann.get('id')} of {path} refers to image_id "
-                             f"{ann['image_id']}, which is not in the file's images")
-        annotations[ann["image_id"]].append(ann)
-    records = []
-    for image in coco["images"]:
-        anns = annotations[image["id"]]
-        xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
-        records.append({
-            "image": os.path.join(root, f"{split}2017", image["file_name"]),
-            "image_id": image["id"],
-            "boxes": np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1),
-            "labels": np.array([label_of[a["category_id"]] for a in anns], dtype=np.int64),
-            "area": np.array([a.get("area", a["bbox"][2] * a["bbox"][3]) for a in anns]),
-            "iscrowd": np.array([a.get("iscrowd", 0) for a in anns], dtype=np.int64),
-        })
-    return records
-
-
 def _reader_index() -> Tuple[int, int]:
     """(index, count) of this reader among all DataLoader workers of all DDP processes."""
     worker = get_worker_info()
@@ -563,9 +427,8 @@ class COCOStreamDataset(IterableDataset):
             ``None`` reads the whole split.
         source: where the data comes from; every source gives the same samples:
 
-            * ``"detection-datasets/coco"`` (or another hub dataset with its schema), streamed.
-              Its boxes are absolute ``[x_min, y_min, x_max, y_max]`` and ``objects.category``
-              a ClassLabel 0..79, whose names are matched to ``COCO_NAMES``.
+            * ``HUB_COCO`` (``"detection-datasets/coco"``) or another hub dataset with its
+              schema, streamed; its category names are matched to ``COCO_NAMES``.
             * a directory with a local copy of the hub's parquet files (``data/{split}-*.parquet``
               or ``.../{split}/*.parquet``), streamed from disk.
             * a directory in the official COCO layout: ``annotations/instances_{split}2017.json``
@@ -573,14 +436,9 @@ class COCOStreamDataset(IterableDataset):
               labels 1..80 by name.
             * a ``datasets.Dataset``/``IterableDataset`` (or a dict of them by split) with the
               hub's features.
-        resize: ``"shorter"`` (default), ``"square"`` or ``None``; see :func:`resized_size`.
-            The default keeps the aspect ratio (shorter side ``min_size``, longer side at most
-            ``max_size``): objects keep their shape, as in torchvision's detectors and the
-            weights they publish, and a 640 x 480 COCO image costs 533 x 400 pixels rather than
-            being squeezed into 400 x 400. Batches of mixed sizes are padded by
-            :func:`frcnn_collate_fn`. ``"square"`` is the seed's fixed ``IMG_SIZE`` square.
-        min_size, max_size: sizes in pixels for ``resize`` (default ``IMG_SIZE`` and
-            ``min_size * 1333 / 800``; 800 and 1333 reproduce torchvision's evaluation input).
+        resize, min_size, max_size: the resize of :func:`resized_size`, by default ``"shorter"``
+            with the shorter side ``IMG_SIZE``; images of mixed sizes are padded into one batch
+            by the detector (:meth:`FasterRCNN.batch_images`).
         train: training mode: random horizontal flips, crowd regions dropped, images without
             objects skipped. Default: ``split == "train"``.
         flip_prob: probability of a horizontal flip; default 0.5 in training mode, else 0.
@@ -613,68 +471,7 @@ class COCOStreamDataset(IterableDataset):
                                      skip_empty)
         self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, 0
         self.num_classes = len(COCO_NAMES)
-        self.rows = self._open(source, split, hub_timeout)
-        if isinstance(self.rows, list):  # COCO-layout records: only the image is still a path
-            self.to_record = _open_image
-        else:  # the hub's schema: its category names are checked once, here
-            self.to_record = _HubRecords(_category_labels(self.rows.features))
-
-    @staticmethod
-    def _open(source, split: str, hub_timeout: float):
-        """The rows of ``split``: a list of COCO-layout records or a ``datasets`` object."""
-        if not isinstance(source, (str, os.PathLike)):
-            import datasets
-
-            if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
-                if split not in source:
-                    raise ValueError(f"split {split!r} is not in the source "
-                                     f"(splits: {list(source)})")
-                source = source[split]
-            if not isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
-                raise TypeError(f"source must be a hub name, a directory or a datasets.Dataset/"
-                                f"IterableDataset, got {type(source).__name__}")
-            return source
-        path = os.fspath(source)
-        if os.path.isdir(os.path.join(path, "annotations")):
-            return _read_coco_layout(path, split)
-        if os.path.isdir(path) or path.endswith(".parquet"):
-            import datasets
-
-            files = [path] if os.path.isfile(path) else sorted(
-                glob.glob(os.path.join(path, "**", f"{split}-*.parquet"), recursive=True)
-                + glob.glob(os.path.join(path, "**", split, "*.parquet"), recursive=True))
-            if not files:
-                found = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
-                raise FileNotFoundError(
-                    f"no parquet files of split {split!r} in {path} (expected "
-                    f"data/{split}-*.parquet as on the hub; parquet files found: {found[:5]}), "
-                    "and no COCO layout "
-                    f"(annotations/instances_{split}2017.json) either")
-            infos = glob.glob(os.path.join(path, "**", "dataset_infos.json"), recursive=True)
-            features = None
-            if infos:  # the hub repo's own description of its features, when copied along
-                with open(infos[0]) as f:
-                    info = next(iter(json.load(f).values()))
-                features = datasets.Features.from_dict(info["features"])
-            return datasets.load_dataset("parquet", data_files=files, split="train",
-                                         streaming=True, features=features)
-        is_hub_name = not os.path.isabs(path) and path.count("/") == 1 and not path.startswith(".")
-        if not is_hub_name:
-            raise FileNotFoundError(
-                f"source {path!r} does not exist: give a directory with the hub's parquet files "
-                "or the official COCO layout, a datasets.Dataset, or a hub name like "
-                f"{HUB_COCO!r}")
-        if split not in ("train", "val"):
-            hint = " (the hub calls it 'val')" if split == "validation" else ""
-            raise ValueError(f"split {split!r} is not a split of {path!r}{hint}: "
-                             "use 'train' or 'val'")
-        check_hub(path, hub_timeout)
-        import datasets
-
-        try:
-            return datasets.load_dataset(path, split=split, streaming=True)
-        except OSError as err:  # ConnectionError and friends: the hub went away meanwhile
-            raise _hub_error(path, f"{type(err).__name__}: {err}") from err
+        self.rows, self.to_record = open_source(source, split, COCO_NAMES, hub_timeout)
 
     def set_epoch(self, epoch: int) -> None:
         """Use the shuffle order of ``epoch`` (call before each epoch when shuffling)."""
@@ -703,7 +500,7 @@ class COCOStreamDataset(IterableDataset):
         """This reader's share of the rows, shuffled when asked: every ``count``-th row of a
         permutation of an indexable source; whole shards (``split_dataset_by_node``) of a stream."""
         rows = self.rows
-        if isinstance(rows, list) or not _is_stream(rows):
+        if hasattr(rows, "__len__"):  # a list of records or a datasets.Dataset: indexable
             order = range(len(rows))
             if self.shuffle_buffer:
                 generator = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -718,40 +515,6 @@ class COCOStreamDataset(IterableDataset):
             rows = split_dataset_by_node(rows, rank=index, world_size=count)
         # .iter() rather than iter(): datasets would otherwise shard by worker a second time
         return ({k: v[0] for k, v in batch.items()} for batch in rows.iter(batch_size=1))
-
-
-def _open_image(record: dict) -> dict:
-    """A COCO-layout record with its image file opened (decoded later, only if kept)."""
-    return {**record, "image": Image.open(record["image"])}
-
-
-class _HubRecords:
-    """Turns a row of the hub's schema into a record: image (PIL), image_id, boxes x1 y1 x2 y2,
-    labels 1..80 (``label_of`` maps the row's ClassLabel indices), the annotation area."""
-
-    def __init__(self, label_of: List[int]):
-        self.label_of = label_of
-
-    def __call__(self, row: dict) -> dict:
-        image, objects = row["image"], row["objects"]
-        if isinstance(image, dict):  # undecoded {"bytes", "path"}
-            image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
-        if isinstance(objects, list):  # a list of dicts rather than a dict of lists
-            objects = {key: [o[key] for o in objects] for key in ("bbox", "category")}
-        categories = objects["category"]
-        if any(not 0 <= c < len(self.label_of) for c in categories):
-            raise ValueError(f"image {row['image_id']} has category {categories}, outside the "
-                             f"{len(self.label_of)} categories of the source's ClassLabel")
-        return {"image": image, "image_id": row["image_id"],
-                "boxes": torch.as_tensor(np.asarray(objects["bbox"], dtype=np.float32)),
-                "labels": [self.label_of[c] for c in categories], "area": objects.get("area"),
-                "iscrowd": None}
-
-
-def _is_stream(rows) -> bool:
-    import datasets
-
-    return isinstance(rows, datasets.IterableDataset)
 
 
 # Synthetic shapes ──────────────────────────────────────────────────────────────────────────────
@@ -1672,27 +1435,22 @@ class FasterRCNN(nn.Module):
                                  "[B, 3, H, W]; use images[None] for one image, or pass a list")
             if images.dim() != 4 or images.shape[1] != 3:
                 raise ValueError(f"images has shape {list(images.shape)}: expected [B, 3, H, W]")
-            images_list = list(images)
-        elif isinstance(images, (list, tuple)) and len(images) > 0:
-            images_list = list(images)
-            for i, img in enumerate(images_list):
-                if not isinstance(img, Tensor) or img.dim() != 3 or img.shape[0] != 3:
-                    shape = list(img.shape) if isinstance(img, Tensor) else type(img).__name__
-                    raise ValueError(f"image {i} is {shape}: each image must be a [3, H, W] tensor")
-        else:
+        elif not (isinstance(images, (list, tuple)) and len(images) > 0):
             raise ValueError("images must be a [B, 3, H, W] tensor or a non-empty list of [3, H, W] tensors")
-        if not images_list[0].is_floating_point():
-            raise TypeError(f"images are {images_list[0].dtype}: convert to float and normalise "
+        images = list(images)
+        for i, img in enumerate(images):
+            if not isinstance(img, Tensor) or img.dim() != 3 or img.shape[0] != 3:
+                shape = list(img.shape) if isinstance(img, Tensor) else type(img).__name__
+                raise ValueError(f"image {i} is {shape}: each image must be a [3, H, W] tensor")
+        if not images[0].is_floating_point():
+            raise TypeError(f"images are {images[0].dtype}: convert to float and normalise "
                             "with IMAGENET_MEAN / IMAGENET_STD first")
-        sizes = [tuple(img.shape[-2:]) for img in images_list]
+        sizes = [tuple(img.shape[-2:]) for img in images]
         height = math.ceil(max(h for h, _ in sizes) / divisor) * divisor
         width = math.ceil(max(w for _, w in sizes) / divisor) * divisor
-        if isinstance(images, Tensor):
-            batch = F.pad(images, (0, width - images.shape[-1], 0, height - images.shape[-2]))
-        else:
-            batch = images_list[0].new_zeros((len(images_list), 3, height, width))
-            for img, padded in zip(images_list, batch):
-                padded[:, : img.shape[1], : img.shape[2]].copy_(img)
+        batch = images[0].new_zeros((len(images), 3, height, width))
+        for img, padded in zip(images, batch):
+            padded[:, : img.shape[1], : img.shape[2]].copy_(img)
         if not torch.isfinite(batch).all():
             raise ValueError("images contain NaN or Inf: check the data pipeline (e.g. a division by zero)")
         return batch, sizes
@@ -1946,8 +1704,6 @@ class TrainState:
         total_steps: the steps the learning-rate schedule was planned over (``fit`` sets it).
         history: per-step records, ``{"step": [...], "epoch": [...], "lr": [...], "total": [...],
             <each loss>: [...], "grad_norm": [...], "skipped": [...]}``.
-
-    Every field but the two random states is saved in a checkpoint under its own name.
     """
 
     epoch: int = 0
@@ -2046,9 +1802,8 @@ def train_one_epoch(
 ) -> Dict[str, List[float]]:
     """Train for one pass over ``loader`` (or ``max_steps`` batches) and return the loss history.
 
-    Each step: forward under autocast, backward, measure the gradient norm (clipping it to
-    ``max_grad_norm`` when given), then update the weights, unless a loss or the gradient is not
-    finite, and advance the schedule.
+    Each batch is one :func:`train_step`; this loop adds the progress bar, the history, the
+    count of skipped steps and the replay of a resumed epoch.
 
     Args:
         model: a detector in the course's interface (or its ``DistributedDataParallel`` wrapper),
@@ -2070,14 +1825,6 @@ def train_one_epoch(
         This epoch's history, ``{"step": [...], "lr": [...], "total": [...], ...}``: one value per
         step for every loss the model returned, plus the gradient norm and a ``skipped`` flag.
 
-    Why skip non-finite steps: one NaN (a degenerate box, an overflow, a too-high learning rate)
-    would propagate through the update into every weight and silently ruin the rest of a long run.
-    The check costs one device sync per step: the losses and the gradient norm are read together,
-    once, which the progress bar needs anyway. Backward always runs first, so under DDP every rank
-    joins the gradient all-reduce; the losses are then averaged over the ranks, so all ranks see
-    the same numbers and skip the same steps. With float16 on CUDA, an overflow of the scaled
-    gradients is how the ``GradScaler`` learns to lower its scale: such steps are skipped and
-    counted the same way (a few at the start of a run are normal).
     """
     state = state if state is not None else TrainState()
     device = torch.device(device)
@@ -2118,8 +1865,18 @@ def train_step(model: nn.Module, images, targets, optimizer: torch.optim.Optimiz
                ) -> Tuple[Dict[str, float], float, bool]:
     """One optimiser step: forward under autocast, backward, gradient norm (clipped to
     ``max_grad_norm`` if given), then the update unless a loss or the gradient is not finite,
-    and the schedule. Returns the losses and the gradient norm as floats (averaged over the
-    ranks under DDP, so that every rank skips the same steps) and whether the step was taken."""
+    and the schedule. Returns the losses and the gradient norm as floats and whether the step
+    was taken.
+
+    Why skip non-finite steps: one NaN (a degenerate box, an overflow, a too-high learning rate)
+    would propagate through the update into every weight and silently ruin the rest of a long run.
+    The check costs one device sync per step: the losses and the gradient norm are read together,
+    once, which the progress bar needs anyway. Backward always runs first, so under DDP every rank
+    joins the gradient all-reduce; the losses are then averaged over the ranks, so all ranks see
+    the same numbers and skip the same steps. With float16 on CUDA, an overflow of the scaled
+    gradients is how the ``GradScaler`` learns to lower its scale: such steps are skipped and
+    counted the same way (a few at the start of a run are normal).
+    """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     with torch.autocast(_device_type(images), dtype=amp_dtype or torch.float32,
                         enabled=amp_dtype is not None):
@@ -2344,12 +2101,9 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
 
     _check_compatible(path, net, checkpoint, checkpoint["model"])
     net.load_state_dict(checkpoint["model"])
-    if optimizer is not None and checkpoint["optimizer"] is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    if scheduler is not None and checkpoint["scheduler"] is not None:
-        scheduler.load_state_dict(checkpoint["scheduler"])
-    if scaler is not None and checkpoint["scaler"] is not None:
-        scaler.load_state_dict(checkpoint["scaler"])
+    for name, part in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        if part is not None and checkpoint[name] is not None:
+            part.load_state_dict(checkpoint[name])
 
     rank, world_size = _rank_and_world_size()
     rng, epoch_rng = checkpoint["rng"], checkpoint["epoch_rng"]
@@ -2597,19 +2351,15 @@ def make_loader(
     data. An iterable dataset (a stream) is passed through: it must shard itself by rank and
     worker (``COCOStreamDataset`` does). ``batch_size`` is per rank.
     """
-    collate_fn = collate_fn or frcnn_collate_fn
+    streamed = isinstance(dataset, torch.utils.data.IterableDataset)
     sampler = None
-    distributed = _is_distributed()
-    if distributed and not isinstance(dataset, torch.utils.data.IterableDataset):
-        sampler = torch.utils.data.DistributedSampler(
-            dataset, shuffle=shuffle, seed=seed, drop_last=drop_last
-        )
-        shuffle = False
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        shuffle = False
+    if _is_distributed() and not streamed:
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=shuffle, seed=seed,
+                                                      drop_last=drop_last)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
-        num_workers=num_workers, drop_last=drop_last, collate_fn=collate_fn, **loader_kwargs,
+        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None and not streamed,
+        sampler=sampler, num_workers=num_workers, drop_last=drop_last,
+        collate_fn=collate_fn or frcnn_collate_fn, **loader_kwargs,
     )
 
 
@@ -2738,7 +2488,6 @@ def shapes_experiment(steps: Optional[int] = None, *, seed: int = 0, device=DEVI
 
     ``make bench`` prints what the default recipe reaches (``synthetic_map50``) and in how long.
     """
-
     config = {**SHAPES_RECIPE, **recipe}
     steps = config["steps"] if steps is None else steps
     torch.manual_seed(seed)
@@ -2982,6 +2731,19 @@ def unnormalize(image: Tensor) -> Tensor:
     return image.clamp(0, 1).permute(1, 2, 0)
 
 
+def outline_box(ax, box, colour="yellow", label: Optional[str] = None, **style) -> None:
+    """Draw box ``[4]`` (x1, y1, x2, y2) as an unfilled rectangle on a matplotlib axis, with an
+    optional label at its top-left corner."""
+    import matplotlib.pyplot as plt
+
+    x1, y1, x2, y2 = [float(v) for v in box]
+    ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec=colour,
+                               lw=style.pop("lw", 2), **style))
+    if label:
+        ax.text(x1, y1, label, color="white", fontsize=8, va="bottom",
+                bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "edgecolor": "none"})
+
+
 def draw_boxes(image: Tensor, boxes: Tensor, labels: Optional[Tensor] = None,
                scores: Optional[Tensor] = None, class_names: List[str] = COCO_NAMES,
                score_threshold: float = 0.0, title: Optional[str] = None, ax=None):
@@ -3013,16 +2775,12 @@ def draw_boxes(image: Tensor, boxes: Tensor, labels: Optional[Tensor] = None,
         keep = scores >= score_threshold
     colours = plt.get_cmap("tab10")
     for i in torch.nonzero(keep).flatten().tolist():
-        x1, y1, x2, y2 = boxes[i].tolist()
         label = int(labels[i]) if labels is not None else None
         colour = colours(label % 10) if label is not None else "yellow"
-        ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=2, ec=colour))
         texts = [] if label is None else [class_names[label] if label < len(class_names) else str(label)]
         if scores is not None:
             texts.append(f"{float(scores[i]):.2f}")
-        if texts:  # with neither labels nor scores, plain outlines
-            ax.text(x1, y1, " ".join(texts), fontsize=8, color="white", va="bottom",
-                    bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "edgecolor": "none"})
+        outline_box(ax, boxes[i], colour, " ".join(texts))  # no text: a plain outline
     ax.set_title(title if title is not None else f"{int(keep.sum())} boxes")
     ax.axis("off")
     return ax
@@ -3098,19 +2856,6 @@ def show_source(obj) -> None:
     import inspect
 
     print(f"# frcnn_common.{obj.__qualname__}\n{inspect.getsource(obj)}")
-
-
-def outline_box(ax, box, colour: str = "yellow", label: Optional[str] = None, **style) -> None:
-    """Draw box ``[4]`` (x1, y1, x2, y2) as an unfilled rectangle on a matplotlib axis, with an
-    optional label at its top-left corner."""
-    import matplotlib.pyplot as plt
-
-    x1, y1, x2, y2 = [float(v) for v in box]
-    ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec=colour,
-                               lw=style.pop("lw", 2), **style))
-    if label:
-        ax.text(x1, y1, label, color="white", fontsize=8, va="bottom",
-                bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "edgecolor": "none"})
 
 
 def _first_difference(yours, reference, cases, compare) -> Optional[str]:

@@ -1,0 +1,283 @@
+"""Where COCO's records come from: the hub, a local copy, or a ``datasets`` object.
+
+``COCOStreamDataset`` (in ``frcnn_common.py``, which imports everything public from here) reads
+COCO 2017 from four kinds of source. :func:`open_source` opens each of them into the same two
+things: the *rows* (a list, or a ``datasets`` object) and a function that turns one row into a
+*record*::
+
+    {"image": PIL image (decoded later, only if kept), "image_id": int,
+     "boxes": [G, 4] x1, y1, x2, y2 in the image's pixels, "labels": [G] 1..80,
+     "area": [G] or None, "iscrowd": [G] or None}
+
+From there on every source is treated alike: the dataset turns records into samples. This file
+also holds the network check that makes an unreachable hub (or weights download) fail within
+seconds rather than minutes. Nothing here is about the detector: it is file and network plumbing,
+kept beside the module as torchvision keeps its datasets apart from its models.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+HUB_COCO = "detection-datasets/coco"
+"""The Hugging Face hub copy of COCO 2017 that ``COCOStreamDataset`` streams by default: splits
+``train`` (118k images) and ``val`` (5k), boxes absolute ``[x_min, y_min, x_max, y_max]``,
+``objects.category`` a ClassLabel 0..79 whose names are ``COCO_NAMES[1:]``."""
+
+
+# Opening a source ──────────────────────────────────────────────────────────────────────────────
+
+
+def open_source(source, split: str, class_names: Sequence[str], hub_timeout: float = 5.0
+                ) -> Tuple[object, Callable[[dict], dict]]:
+    """The rows of ``split`` in ``source`` and the function that turns a row into a record.
+
+    ``source`` is one of the four kinds ``COCOStreamDataset`` describes: a hub name, a directory
+    in the official COCO layout, a directory (or file) of the hub's parquet files, or a
+    ``datasets`` object. ``class_names`` names labels 0..K (index 0 the background, as
+    ``COCO_NAMES``): the source's categories are matched to them by name. The rows are a list of
+    COCO-layout records, a ``datasets.Dataset`` (indexable) or a ``datasets.IterableDataset``.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        rows = _datasets_split(source, split)
+    elif os.path.isdir(os.path.join(source, "annotations")):
+        return _read_coco_layout(os.fspath(source), split, class_names), _open_image
+    elif os.path.isdir(source) or os.fspath(source).endswith(".parquet"):
+        rows = _parquet_stream(os.fspath(source), split)
+    else:
+        rows = _hub_stream(os.fspath(source), split, hub_timeout)
+    return rows, _HubRecords(_category_labels(rows.features, class_names))
+
+
+def _datasets_split(source, split: str):
+    """``split`` of a ``datasets`` object (or the object itself when it is one split)."""
+    import datasets
+
+    if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if split not in source:
+            raise ValueError(f"split {split!r} is not in the source (splits: {list(source)})")
+        source = source[split]
+    if not isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
+        raise TypeError(f"source must be a hub name, a directory or a datasets.Dataset/"
+                        f"IterableDataset, got {type(source).__name__}")
+    return source
+
+
+def _parquet_stream(path: str, split: str):
+    """A local copy of the hub's parquet files of ``split``, streamed from disk, with the
+    features of the copied ``dataset_infos.json`` when there is one."""
+    import datasets
+
+    files = [path] if os.path.isfile(path) else sorted(
+        glob.glob(os.path.join(path, "**", f"{split}-*.parquet"), recursive=True)
+        + glob.glob(os.path.join(path, "**", split, "*.parquet"), recursive=True))
+    if not files:
+        found = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
+        raise FileNotFoundError(
+            f"no parquet files of split {split!r} in {path} (expected "
+            f"data/{split}-*.parquet as on the hub; parquet files found: {found[:5]}), "
+            "and no COCO layout "
+            f"(annotations/instances_{split}2017.json) either")
+    infos = glob.glob(os.path.join(path, "**", "dataset_infos.json"), recursive=True)
+    features = None
+    if infos:  # the hub repo's own description of its features, when copied along
+        with open(infos[0]) as f:
+            info = next(iter(json.load(f).values()))
+        features = datasets.Features.from_dict(info["features"])
+    return datasets.load_dataset("parquet", data_files=files, split="train",
+                                 streaming=True, features=features)
+
+
+def _hub_stream(name: str, split: str, hub_timeout: float):
+    """``split`` of the hub dataset ``name``, streamed, after :func:`check_hub` said it answers."""
+    is_hub_name = not os.path.isabs(name) and name.count("/") == 1 and not name.startswith(".")
+    if not is_hub_name:
+        raise FileNotFoundError(
+            f"source {name!r} does not exist: give a directory with the hub's parquet files "
+            "or the official COCO layout, a datasets.Dataset, or a hub name like "
+            f"{HUB_COCO!r}")
+    if split not in ("train", "val"):
+        hint = " (the hub calls it 'val')" if split == "validation" else ""
+        raise ValueError(f"split {split!r} is not a split of {name!r}{hint}: "
+                         "use 'train' or 'val'")
+    check_hub(name, hub_timeout)
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split=split, streaming=True)
+    except OSError as err:  # ConnectionError and friends: the hub went away meanwhile
+        raise _hub_error(name, f"{type(err).__name__}: {err}") from err
+
+
+# The hub ───────────────────────────────────────────────────────────────────────────────────────
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_error(name: str, reason: str) -> ConnectionError:
+    if name != HUB_COCO:
+        reason += f" (and {name!r} is no local directory either)"
+    return ConnectionError(
+        f"Cannot stream {name!r} from the Hugging Face hub: {reason}.\n"
+        "Offline alternatives, passed as `source=`:\n"
+        "  * a directory with a local copy of the hub's parquet files (data/train-*.parquet, "
+        "data/val-*.parquet),\n"
+        "  * a COCO 2017 directory in the official layout (annotations/instances_val2017.json "
+        "and val2017/, the same for train),\n"
+        "  * a datasets.Dataset or IterableDataset with the hub's features;\n"
+        "or train on SyntheticShapesDataset(...), the built-in offline data.")
+
+
+def check_hub(name: str = HUB_COCO, timeout: float = 5.0) -> None:
+    """Raise a ``ConnectionError`` naming the offline sources unless the hub answers in time.
+
+    Offline mode (``HF_HUB_OFFLINE=1`` or ``HF_DATASETS_OFFLINE=1``) fails at once. Otherwise one
+    HEAD request goes to ``HF_ENDPOINT`` (default https://huggingface.co, through any proxy set
+    in the environment) and gets ``timeout`` seconds, name resolution included (see
+    :func:`unreachable_reason`); ``datasets`` itself would retry for tens of seconds first.
+    """
+    if _env_flag("HF_HUB_OFFLINE") or _env_flag("HF_DATASETS_OFFLINE"):
+        raise _hub_error(name, "offline mode is on (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    reason = unreachable_reason(endpoint, timeout)
+    if reason:
+        raise _hub_error(name, reason)
+
+
+def unreachable_reason(url: str, timeout: float = 5.0) -> Optional[str]:
+    """``None`` if the server of ``url`` answers a HEAD request within ``timeout`` seconds (any
+    HTTP status counts as an answer), else why not, in words.
+
+    Downloads (the Hugging Face hub, torchvision's weights) otherwise hang for minutes on a
+    machine without a network. The request honours proxy settings and runs in a daemon thread,
+    so that even a stuck DNS lookup or a silent server cannot block the caller.
+    """
+    import threading
+    import urllib.error
+    import urllib.request
+
+    outcome: List[Optional[BaseException]] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout)
+            outcome.append(None)
+        except urllib.error.HTTPError:  # the server answered, if only with an error code
+            outcome.append(None)
+        except Exception as err:  # noqa: BLE001 - any other failure means "unreachable"
+            outcome.append(err)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    if not outcome:
+        return f"{url} gave no answer within {timeout:g} s"
+    return None if outcome[0] is None else f"{url} is unreachable ({outcome[0]})"
+
+
+# From rows to records ──────────────────────────────────────────────────────────────────────────
+
+
+def _category_labels(features, class_names: Sequence[str]) -> List[int]:
+    """Contiguous label (1..80) of each category index of a hub-schema dataset, by name.
+
+    The hub stores ``objects.category`` as a ClassLabel 0..79; its names are looked up in
+    ``class_names`` rather than trusting that index + 1 is the right label.
+    """
+    feature = features.get("objects") if features else None
+    feature = getattr(feature, "feature", feature)  # List({...}) -> {...}
+    feature = feature.get("category") if isinstance(feature, dict) else None
+    names = getattr(getattr(feature, "feature", feature), "names", None)  # List(ClassLabel)
+    if names is None:
+        raise ValueError(
+            "cannot read the category names: the source's features need `objects.category` as a "
+            f"datasets.ClassLabel with the 80 COCO names (features: {features}). Cast the column "
+            "with `ds.cast_column(...)` or pass the hub's files with their dataset_infos.json.")
+    unknown = [n for n in names if n not in class_names[1:]]
+    if unknown:
+        raise ValueError(f"categories {unknown} of the source are not COCO categories (COCO_NAMES)")
+    return [class_names.index(n) for n in names]
+
+
+def _read_coco_layout(root: str, split: str, class_names: Sequence[str]) -> List[dict]:
+    """One record per image of ``root/annotations/instances_{split}2017.json``.
+
+    A record holds the image path, its id, and boxes [G, 4] converted from COCO's ``[x, y, w, h]``
+    to ``x1, y1, x2, y2``; the sparse category ids (1..90) become labels 1..80 by name.
+    """
+    path = os.path.join(root, "annotations", f"instances_{split}2017.json")
+    if not os.path.isfile(path):
+        found = sorted(glob.glob(os.path.join(root, "annotations", "instances_*2017.json")))
+        raise FileNotFoundError(f"{path} does not exist: split {split!r} is not in this COCO "
+                                f"directory (annotation files found: {found})")
+    with open(path) as f:
+        coco = json.load(f)
+    if not coco.get("images"):
+        raise ValueError(f"{path} lists no images: an instances file needs 'images', "
+                         "'annotations' and 'categories' (the official COCO format)")
+    label_of = {}
+    for category in coco.get("categories", []):
+        if category["name"] not in class_names[1:]:
+            raise ValueError(f"category {category} of {path} is not a COCO category (COCO_NAMES)")
+        label_of[category["id"]] = class_names.index(category["name"])
+    annotations = {image["id"]: [] for image in coco["images"]}
+    for ann in coco.get("annotations", []):
+        if ann["category_id"] not in label_of:
+            raise ValueError(f"annotation {ann.get('id')} of {path} has category_id "
+                             f"{ann['category_id']}, which is not among the file's categories "
+                             f"(ids {sorted(label_of)})")
+        if ann["image_id"] not in annotations:
+            raise ValueError(f"annotation {ann.get('id')} of {path} refers to image_id "
+                             f"{ann['image_id']}, which is not in the file's images")
+        annotations[ann["image_id"]].append(ann)
+    records = []
+    for image in coco["images"]:
+        anns = annotations[image["id"]]
+        xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+        records.append({
+            "image": os.path.join(root, f"{split}2017", image["file_name"]),
+            "image_id": image["id"],
+            "boxes": np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1),
+            "labels": np.array([label_of[a["category_id"]] for a in anns], dtype=np.int64),
+            "area": np.array([a.get("area", a["bbox"][2] * a["bbox"][3]) for a in anns]),
+            "iscrowd": np.array([a.get("iscrowd", 0) for a in anns], dtype=np.int64),
+        })
+    return records
+
+
+def _open_image(record: dict) -> dict:
+    """A COCO-layout record with its image file opened (decoded later, only if kept)."""
+    return {**record, "image": Image.open(record["image"])}
+
+
+class _HubRecords:
+    """Turns a row of the hub's schema into a record: image (PIL), image_id, boxes x1 y1 x2 y2,
+    labels 1..80 (``label_of`` maps the row's ClassLabel indices), the annotation area."""
+
+    def __init__(self, label_of: List[int]):
+        self.label_of = label_of
+
+    def __call__(self, row: dict) -> dict:
+        image, objects = row["image"], row["objects"]
+        if isinstance(image, dict):  # undecoded {"bytes", "path"}
+            image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
+        if isinstance(objects, list):  # a list of dicts rather than a dict of lists
+            objects = {key: [o[key] for o in objects] for key in ("bbox", "category")}
+        categories = objects["category"]
+        if any(not 0 <= c < len(self.label_of) for c in categories):
+            raise ValueError(f"image {row['image_id']} has category {categories}, outside the "
+                             f"{len(self.label_of)} categories of the source's ClassLabel")
+        return {"image": image, "image_id": row["image_id"],
+                "boxes": torch.as_tensor(np.asarray(objects["bbox"], dtype=np.float32)),
+                "labels": [self.label_of[c] for c in categories], "area": objects.get("area"),
+                "iscrowd": None}
