@@ -1,7 +1,10 @@
 """Data section: the COCO stream and its sources, synthetic shapes, collate (no network)."""
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -441,3 +444,16 @@ def test_collate_with_stream_of_mixed_sizes(hub_dataset):
     images, targets = next(iter(DataLoader(data, batch_size=3, collate_fn=frcnn_collate_fn)))
     assert [int(t["image_id"]) for t in targets] == [101, 102, 103]
     assert [tuple(image.shape[-2:]) for image in images] == [tuple(t["size"].tolist()) for t in targets]
+
+
+# ─── the files beside the module ─────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("name", ["frcnn_sources", "frcnn_ops"])
+def test_the_files_frcnn_common_imports_do_not_import_it_back(name):
+    """A cycle would break whichever of the two a user imports first."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = f"import sys, {name}; print(sorted(m for m in sys.modules if m.startswith('frcnn')))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == repr([name])
