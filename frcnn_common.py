@@ -289,7 +289,7 @@ def resized_size(height: int, width: int, resize: Optional[str] = "shorter",
       ``max_size`` (default ``min_size * 1333 / 800``, torchvision's ratio). The scale and the
       rounding down are torchvision's ``GeneralizedRCNNTransform``, so ``min_size=800,
       max_size=1333`` reproduces the input its published COCO weights were evaluated on. Objects
-      keep their shape, and a 640 x 480 image costs 533 x 400 pixels rather than 400 x 400.
+      keep their shape; at the default size a 640 x 480 image becomes 533 x 400, not 400 x 400.
     * ``"square"``: ``min_size x min_size``, stretching the image (the seed's behaviour).
     * ``None``: keep the original size.
     """
