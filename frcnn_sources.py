@@ -46,14 +46,15 @@ def open_source(source, split: str, class_names: Sequence[str], hub_timeout: flo
     ``COCO_NAMES``): the source's categories are matched to them by name. The rows are a list of
     COCO-layout records, a ``datasets.Dataset`` (indexable) or a ``datasets.IterableDataset``.
     """
-    if not isinstance(source, (str, os.PathLike)):
+    path = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
+    if path is None:
         rows = _datasets_split(source, split)
-    elif os.path.isdir(os.path.join(source, "annotations")):
-        return _read_coco_layout(os.fspath(source), split, class_names), _open_image
-    elif os.path.isdir(source) or os.fspath(source).endswith(".parquet"):
-        rows = _parquet_stream(os.fspath(source), split)
+    elif os.path.isdir(os.path.join(path, "annotations")):
+        return _read_coco_layout(path, split, class_names), _open_image
+    elif os.path.isdir(path) or path.endswith(".parquet"):
+        rows = _parquet_stream(path, split)
     else:
-        rows = _hub_stream(os.fspath(source), split, hub_timeout)
+        rows = _hub_stream(path, split, hub_timeout)
     return rows, _HubRecords(_category_labels(rows.features, class_names))
 
 
