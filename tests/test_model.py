@@ -14,8 +14,6 @@ from detectors import detector_pair
 from twin import torchvision_twin
 
 
-
-
 @pytest.fixture(scope="module")
 def images():
     torch.manual_seed(1)
