@@ -1279,6 +1279,28 @@ class ROIHeads(nn.Module):
 # ─── 7. The detector ───────────────────────────────────────────────────────────────────────────
 
 
+TINY_BOX_PIXELS = 4.0
+"""A batch whose every box is under this many pixels wide and high, in images of 100 px or more,
+is most likely given in fractions of the image: :func:`_warn_if_fractions`."""
+
+
+def _warn_if_fractions(targets: List[Dict[str, Tensor]], image_sizes: List[Tuple[int, int]]) -> None:
+    """Warn when every box of the batch is under ``TINY_BOX_PIXELS`` on both sides while the
+    images are at least 100 px: boxes given as fractions of the image (0..1), or normalised
+    ``[cx, cy, w, h]``, train without an error but teach the detector nothing."""
+    boxes = torch.cat([t["boxes"] for t in targets])
+    if boxes.numel() == 0 or min(min(size) for size in image_sizes) < 100:
+        return
+    sides = torch.cat([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]])
+    if bool((sides < TINY_BOX_PIXELS).all()):
+        height, width = image_sizes[0]
+        warnings.warn(
+            f"every box of this batch is under {TINY_BOX_PIXELS:g} px wide and high while the "
+            f"images are {width}x{height} (first box: {[round(v, 3) for v in boxes[0].tolist()]}): "
+            "boxes given as fractions of the image (0..1)? The model wants absolute pixels "
+            "[x1, y1, x2, y2]: multiply x by the image width and y by its height.", stacklevel=2)
+
+
 class FasterRCNN(nn.Module):
     """Faster R-CNN: backbone (+ FPN) -> region proposal network -> ROI head.
 
@@ -1469,11 +1491,17 @@ class FasterRCNN(nn.Module):
         for i, (target, (height, width)) in enumerate(zip(targets, image_sizes)):
             if not isinstance(target, dict) or "boxes" not in target or "labels" not in target:
                 raise ValueError(f"target {i} must be a dict with 'boxes' [G, 4] and 'labels' [G]")
-            boxes = torch.as_tensor(target["boxes"], dtype=torch.float32, device=device)
-            labels = torch.as_tensor(target["labels"], device=device)
+            try:
+                boxes = torch.as_tensor(target["boxes"], dtype=torch.float32, device=device)
+                labels = torch.as_tensor(target["labels"], device=device)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise TypeError(f"target {i}: boxes and labels must be tensors (or nested lists of "
+                                f"numbers): {err}") from None
             if boxes.dim() != 2 or boxes.shape[1] != 4 or labels.shape != boxes.shape[:1]:
+                empty = (" For an image without objects pass boxes of shape [0, 4]: "
+                         "torch.zeros(0, 4), or boxes.reshape(0, 4)." if boxes.numel() == 0 else "")
                 raise ValueError(f"target {i}: boxes {list(boxes.shape)} and labels {list(labels.shape)}: "
-                                 "expected [G, 4] and [G]")
+                                 f"expected [G, 4] and [G].{empty}")
             if labels.is_floating_point():
                 raise TypeError(f"target {i}: labels are {labels.dtype}, expected an integer type")
             if boxes.numel():
@@ -1481,6 +1509,7 @@ class FasterRCNN(nn.Module):
                 if problem:
                     raise ValueError(f"target {i}: {problem}")
             checked.append({"boxes": boxes, "labels": labels.to(torch.int64)})
+        _warn_if_fractions(checked, image_sizes)
         return checked
 
     def _first_bad_box(self, boxes: Tensor, labels: Tensor, height: int, width: int) -> Optional[str]:
