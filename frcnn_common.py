@@ -1836,7 +1836,7 @@ class ProgressBar(tqdm):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._copy_to = None if self.disable else os.environ.get("FRCNN_PROGRESS_FILE") or None
-        self._copied = time.monotonic()
+        self._copied, self._copied_n = time.monotonic(), None
 
     def update(self, n=1):
         shown = super().update(n)
@@ -1853,13 +1853,13 @@ class ProgressBar(tqdm):
             self._copy_line(done)
 
     def close(self):
-        if getattr(self, "_copy_to", None):
+        if getattr(self, "_copy_to", None) and self._copied_n != self.n:
             self._copy_line()
-            self._copy_to = None  # tqdm may close a bar twice
+        self._copy_to = None  # tqdm may close a bar twice
         super().close()
 
     def _copy_line(self, done: Optional[int] = None):
-        self._copied = time.monotonic()
+        self._copied, self._copied_n = time.monotonic(), self.n if done is None else done
         shown = self.format_dict if done is None else {**self.format_dict, "n": done}
         line = self.format_meter(**{**shown, "bar_format":
                                     "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"})
