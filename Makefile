@@ -51,6 +51,7 @@ bench: setup
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_research.py
+	$(PY) benchmarks/bench_recipe.py
 
 ## remove out/ and pytest's cache
 clean:
