@@ -1912,8 +1912,9 @@ def train_one_epoch(
             keep its scale across epochs; one is made if missing); on CPU, bfloat16 autocast.
         max_grad_norm: clip the gradient's global L2 norm to this value (None: no clipping).
         max_bad_steps: stop with :class:`NonFiniteLossError` after this many skipped steps in a row.
-        max_steps: end the epoch after this many batches (fast mode, or streams without a length).
-        progress: show a tqdm bar with the running losses (only on rank 0 under DDP).
+        max_steps: end the epoch after this many batches (fast mode, or streams without a length);
+            a loader that runs out first ends the epoch with a message saying after how many.
+        progress: show a :class:`ProgressBar` with the running losses (only on rank 0 under DDP).
         state: a :class:`TrainState` to continue and update (the fit loop passes one); the
             epoch restarts at ``state.batch_in_epoch`` when a checkpoint was loaded mid-epoch.
         on_step: called as ``on_step(state)`` after every step (the fit loop saves checkpoints).

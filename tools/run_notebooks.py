@@ -341,7 +341,12 @@ def main() -> int:
     limit = f"at most {args.timeout} s a cell" if args.timeout else "no time limit per cell"
     print(f"Executing {len(paths)} notebooks in {mode} mode, each on a fresh kernel "
           f"(working directory {shown_path(paths[0].parent)}/; {limit}).", flush=True)
-    return run_all(paths, args, out)
+    try:
+        return run_all(paths, args, out)
+    except KeyboardInterrupt:
+        kept = f"; {out}/ holds the notebooks that finished before" if out is not None else ""
+        print(f"\nInterrupted (Ctrl-C){kept}.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
