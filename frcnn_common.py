@@ -2337,7 +2337,7 @@ class _StopAfterStep:
     so there Ctrl-C keeps its usual effect and the periodic checkpoints are what resumes."""
 
     def __init__(self):
-        self.asked, self._previous = False, None
+        self.asked, self._previous, self._pid = False, None, os.getpid()
 
     def __enter__(self) -> "_StopAfterStep":
         if threading.current_thread() is threading.main_thread() and not _is_distributed():
@@ -2345,6 +2345,8 @@ class _StopAfterStep:
         return self
 
     def _ask(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked DataLoader worker: it serves on, the loop stops
+            return
         if self.asked:
             raise KeyboardInterrupt
         self.asked = True
