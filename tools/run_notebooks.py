@@ -5,11 +5,12 @@
     python tools/run_notebooks.py --in-place         # refresh the outputs stored in notebooks/
     python tools/run_notebooks.py --out out 03 05    # only the notebooks whose names start so
 
-Each notebook runs with ``notebooks/`` as its working directory (so ``checkpoints/`` written by
-05 is read by 06), with ``FRCNN_FAST=1`` unless ``--full`` is given, and with matplotlib's inline
-backend so that figures become PNG outputs. ``--out DIR`` writes the executed notebooks, every
-PNG figure, named like ``03_rpn_fig02.png``, and ``index.md`` (each notebook's run time, the
-lines of its output that report a held-out score, and its figures by section) into DIR.
+Each notebook runs with its folder as its working directory (``notebooks/``, or ``--notebooks
+DIR``; so ``checkpoints/`` written by 05 is read by 06), with ``FRCNN_FAST=1`` unless ``--full``
+is given, and with matplotlib's inline backend so that figures become PNG outputs. ``--out DIR``
+first removes what an earlier run wrote there, then writes the executed notebooks, every PNG
+figure, named like ``03_rpn_fig02.png``, and ``index.md`` (each notebook's run time, the lines of
+its output that report a held-out score, and its figures by section) into DIR.
 
 While a cell runs, a bar counts the notebook's code cells, and the progress lines of the module's
 bars (training steps, losses, time left; see ``tools/with_progress.py``) are printed above it.
