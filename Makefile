@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 OUT    ?= out
+# seconds a notebook cell may run before `make run` / `make test` stop it (empty: no limit)
+TIMEOUT ?=
 
 .PHONY: help setup test unit notebooks run bench notebooks-refresh clean
 .DEFAULT_GOAL := help
@@ -15,26 +17,29 @@ help:
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt pyproject.toml
-	@echo "Installing the course's packages into $(VENV) (about 1.5 min here, once)..."
+	@echo "Installing the course's packages into $(VENV) (about 1.5 min here, once); pip lists each one..."
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m pip install --disable-pip-version-check --progress-bar off -r requirements.txt 2>&1 | grep -v -e "^WARNING: Location" -e "^Requirement already satisfied" || true
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) -c "import torch, torchvision, datasets, pycocotools, nbval, matplotlib, tqdm, frcnn_common"
 	touch $@
 
-## unit tests, then every notebook executed by nbval in fast mode (CPU, offline; about 11 min here)
+## unit tests, then every notebook executed by nbval in fast mode (CPU, offline; times in README)
 test: unit notebooks
 
+## the unit tests only (tests/)
 unit: setup
 	$(PY) -m pytest -q tests
 
+## every notebook executed by nbval in fast mode, training progress shown as it runs (TIMEOUT=s per cell)
 notebooks: setup
-	FRCNN_FAST=1 MPLBACKEND=Agg $(PY) -m pytest -q --nbval-lax -p no:cacheprovider notebooks
+	FRCNN_FAST=1 MPLBACKEND=Agg $(PY) tools/with_progress.py $(PY) -m pytest -q --nbval-lax \
+	    -p no:cacheprovider --nbval-cell-timeout=$(or $(TIMEOUT),864000) notebooks
 
-## execute the six notebooks in fast mode (about 6 min here); copies, figures and index.md in out/
+## execute the six notebooks in fast mode (times in README); copies, figures, results in out/ (TIMEOUT=s per cell)
 run: setup
-	FRCNN_FAST=1 $(PY) tools/run_notebooks.py --out $(OUT)
+	FRCNN_FAST=1 $(PY) tools/run_notebooks.py --out $(OUT) $(if $(TIMEOUT),--timeout $(TIMEOUT))
 
 ## rewrite the outputs stored in notebooks/ from a real fast-mode run
 notebooks-refresh: setup
@@ -46,6 +51,8 @@ bench: setup
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_research.py
+	$(PY) benchmarks/bench_recipe.py
 
+## remove out/ and pytest's cache
 clean:
 	rm -rf $(OUT) .pytest_cache

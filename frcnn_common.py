@@ -33,7 +33,9 @@ import io
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
 import dataclasses
@@ -1279,6 +1281,28 @@ class ROIHeads(nn.Module):
 # ─── 7. The detector ───────────────────────────────────────────────────────────────────────────
 
 
+TINY_BOX_PIXELS = 4.0
+"""A batch whose every box is under this many pixels wide and high, in images of 100 px or more,
+is most likely given in fractions of the image: :func:`_warn_if_fractions`."""
+
+
+def _warn_if_fractions(targets: List[Dict[str, Tensor]], image_sizes: List[Tuple[int, int]]) -> None:
+    """Warn when every box of the batch is under ``TINY_BOX_PIXELS`` on both sides while the
+    images are at least 100 px: boxes given as fractions of the image (0..1), or normalised
+    ``[cx, cy, w, h]``, train without an error but teach the detector nothing."""
+    boxes = torch.cat([t["boxes"] for t in targets])
+    if boxes.numel() == 0 or min(min(size) for size in image_sizes) < 100:
+        return
+    sides = torch.cat([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]])
+    if bool((sides < TINY_BOX_PIXELS).all()):
+        height, width = image_sizes[0]
+        warnings.warn(
+            f"every box of this batch is under {TINY_BOX_PIXELS:g} px wide and high while the "
+            f"images are {width}x{height} (first box: {[round(v, 3) for v in boxes[0].tolist()]}): "
+            "boxes given as fractions of the image (0..1)? The model wants absolute pixels "
+            "[x1, y1, x2, y2]: multiply x by the image width and y by its height.", stacklevel=2)
+
+
 class FasterRCNN(nn.Module):
     """Faster R-CNN: backbone (+ FPN) -> region proposal network -> ROI head.
 
@@ -1469,11 +1493,17 @@ class FasterRCNN(nn.Module):
         for i, (target, (height, width)) in enumerate(zip(targets, image_sizes)):
             if not isinstance(target, dict) or "boxes" not in target or "labels" not in target:
                 raise ValueError(f"target {i} must be a dict with 'boxes' [G, 4] and 'labels' [G]")
-            boxes = torch.as_tensor(target["boxes"], dtype=torch.float32, device=device)
-            labels = torch.as_tensor(target["labels"], device=device)
+            try:
+                boxes = torch.as_tensor(target["boxes"], dtype=torch.float32, device=device)
+                labels = torch.as_tensor(target["labels"], device=device)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise TypeError(f"target {i}: boxes and labels must be tensors (or nested lists of "
+                                f"numbers): {err}") from None
             if boxes.dim() != 2 or boxes.shape[1] != 4 or labels.shape != boxes.shape[:1]:
+                empty = (" For an image without objects pass boxes of shape [0, 4]: "
+                         "torch.zeros(0, 4), or boxes.reshape(0, 4)." if boxes.numel() == 0 else "")
                 raise ValueError(f"target {i}: boxes {list(boxes.shape)} and labels {list(labels.shape)}: "
-                                 "expected [G, 4] and [G]")
+                                 f"expected [G, 4] and [G].{empty}")
             if labels.is_floating_point():
                 raise TypeError(f"target {i}: labels are {labels.dtype}, expected an integer type")
             if boxes.numel():
@@ -1481,6 +1511,7 @@ class FasterRCNN(nn.Module):
                 if problem:
                     raise ValueError(f"target {i}: {problem}")
             checked.append({"boxes": boxes, "labels": labels.to(torch.int64)})
+        _warn_if_fractions(checked, image_sizes)
         return checked
 
     def _first_bad_box(self, boxes: Tensor, labels: Tensor, height: int, width: int) -> Optional[str]:
@@ -1702,6 +1733,8 @@ class TrainState:
         skipped_steps: steps whose update was skipped because a loss or gradient was not finite.
         bad_in_row: how many of the latest steps were skipped in a row.
         total_steps: the steps the learning-rate schedule was planned over (``fit`` sets it).
+        steps_per_epoch: the run's steps per epoch (``fit`` sets it; a run started again with
+            another value continues the same steps in the new layout).
         history: per-step records, ``{"step": [...], "epoch": [...], "lr": [...], "total": [...],
             <each loss>: [...], "grad_norm": [...], "skipped": [...]}``.
     """
@@ -1712,6 +1745,7 @@ class TrainState:
     skipped_steps: int = 0
     bad_in_row: int = 0
     total_steps: Optional[int] = None
+    steps_per_epoch: Optional[int] = None
     history: Dict[str, List[float]] = field(default_factory=dict)
     epoch_rng: Optional[dict] = None  # random state at the start of the current epoch
     resume_rng: Optional[dict] = None  # random state to restore when a loaded run continues
@@ -1783,6 +1817,69 @@ def _to_device(images, targets, device: torch.device):
 # ---------------------------------------------------------------------------------------------
 # One epoch
 
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+PROGRESS_FILE_SECONDS = 10.0
+"""How often a :class:`ProgressBar` appends its line to the file ``FRCNN_PROGRESS_FILE`` names."""
+
+
+class ProgressBar(tqdm):
+    """tqdm's bar, which also appends its state as one plain line to the file that the environment
+    variable ``FRCNN_PROGRESS_FILE`` names (if set), every ``PROGRESS_FILE_SECONDS`` and when it
+    closes: ``epoch 0: 120/850 [00:41<04:10, total=1.234, lr=0.12]`` (steps done/planned,
+    [elapsed<left, ...]). ``make run`` and ``make test`` relay that file to the terminal, so a
+    notebook's long cell shows its progress there while it runs; the bar itself reaches only the
+    notebook."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._copy_to = None if self.disable else os.environ.get("FRCNN_PROGRESS_FILE") or None
+        self._copied, self._copied_n = time.monotonic(), None
+
+    def update(self, n=1):
+        shown = super().update(n)
+        self._copy_if_due()
+        return shown
+
+    def __iter__(self):
+        for done, item in enumerate(super().__iter__(), start=self.n + 1):
+            yield item
+            self._copy_if_due(done)  # tqdm's own count lags while it iterates
+
+    def _copy_if_due(self, done: Optional[int] = None):
+        if self._copy_to and time.monotonic() - self._copied >= PROGRESS_FILE_SECONDS:
+            self._copy_line(done)
+
+    def close(self):
+        if getattr(self, "_copy_to", None) and self._copied_n != self.n:
+            self._copy_line()
+        self._copy_to = None  # tqdm may close a bar twice
+        super().close()
+
+    def _copy_line(self, done: Optional[int] = None):
+        self._copied, self._copied_n = time.monotonic(), self.n if done is None else done
+        shown = self.format_dict if done is None else {**self.format_dict, "n": done}
+        line = self.format_meter(**{**shown, "bar_format":
+                                    "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"})
+        try:
+            with open(self._copy_to, "a") as f:
+                f.write(line + "\n")
+        except OSError:  # a path that cannot be written: the bar goes on without its copy
+            self._copy_to = None
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised by :func:`fit` when Ctrl-C (or a notebook's interrupt) stops a run; its message is
+    one line saying at which step and where the checkpoint is."""
+
+
+class _InterruptedMidStep(KeyboardInterrupt):
+    """A KeyboardInterrupt that came during a step: the weights may be half updated (BatchNorm's
+    statistics, the optimiser), so :func:`fit` keeps the last checkpoint instead of saving."""
+
+
 
 def train_one_epoch(
     model: nn.Module,
@@ -1815,8 +1912,9 @@ def train_one_epoch(
             keep its scale across epochs; one is made if missing); on CPU, bfloat16 autocast.
         max_grad_norm: clip the gradient's global L2 norm to this value (None: no clipping).
         max_bad_steps: stop with :class:`NonFiniteLossError` after this many skipped steps in a row.
-        max_steps: end the epoch after this many batches (fast mode, or streams without a length).
-        progress: show a tqdm bar with the running losses (only on rank 0 under DDP).
+        max_steps: end the epoch after this many batches (fast mode, or streams without a length);
+            a loader that runs out first ends the epoch with a message saying after how many.
+        progress: show a :class:`ProgressBar` with the running losses (only on rank 0 under DDP).
         state: a :class:`TrainState` to continue and update (the fit loop passes one); the
             epoch restarts at ``state.batch_in_epoch`` when a checkpoint was loaded mid-epoch.
         on_step: called as ``on_step(state)`` after every step (the fit loop saves checkpoints).
@@ -1834,29 +1932,44 @@ def train_one_epoch(
     model.train()
     batches = _epoch_batches(loader, state)
     first = len(state.history.get("step", []))
-    bar = tqdm(total=_epoch_length(loader, max_steps), initial=state.batch_in_epoch,
-               desc=f"epoch {state.epoch}", disable=not (progress and _is_main_process()),
-               dynamic_ncols=True)
+    bar = ProgressBar(total=_epoch_length(loader, max_steps), initial=state.batch_in_epoch,
+                      desc=f"epoch {state.epoch}", disable=not (progress and _is_main_process()),
+                      dynamic_ncols=True)
     running: Dict[str, float] = {}
-    while max_steps is None or state.batch_in_epoch < max_steps:
-        try:
-            images, targets = next(batches)
-        except StopIteration:
-            break
-        images, targets = _to_device(images, targets, device)
-        lr = optimizer.param_groups[0]["lr"]
-        losses, grad_norm, finite = train_step(model, images, targets, optimizer, scheduler,
-                                               scaler=scaler, amp_dtype=amp_dtype,
-                                               max_grad_norm=max_grad_norm)
-        record = {"step": state.step + 1, "epoch": state.epoch, "lr": lr, **losses,
-                  "grad_norm": grad_norm, "skipped": float(not finite)}
-        _count_step(state, record, finite, max_bad_steps, bar)
-        bar.set_postfix(_running_postfix(running, losses, finite, lr, state), refresh=False)
-        bar.update(1)
-        if on_step is not None:
-            on_step(state)
-    bar.close()
+    with bar:
+        while max_steps is None or state.batch_in_epoch < max_steps:
+            try:
+                images, targets = next(batches)
+            except StopIteration:
+                break
+            images, targets = _to_device(images, targets, device)
+            lr = optimizer.param_groups[0]["lr"]
+            try:
+                losses, grad_norm, finite = train_step(model, images, targets, optimizer, scheduler,
+                                                       scaler=scaler, amp_dtype=amp_dtype,
+                                                       max_grad_norm=max_grad_norm)
+            except KeyboardInterrupt:
+                raise _InterruptedMidStep from None
+            record = {"step": state.step + 1, "epoch": state.epoch, "lr": lr, **losses,
+                      "grad_norm": grad_norm, "skipped": float(not finite)}
+            _count_step(state, record, finite, max_bad_steps, bar)
+            bar.set_postfix(_running_postfix(running, losses, finite, lr, state), refresh=False)
+            bar.update(1)
+            if on_step is not None:
+                on_step(state)
+    if max_steps is not None and state.batch_in_epoch < max_steps:
+        _report_short_epoch(state, max_steps)
     return {key: values[first:] for key, values in state.history.items()}
+
+
+def _report_short_epoch(state: TrainState, planned: int) -> None:
+    """Say that the loader ran out before ``planned`` steps, and what to change."""
+    rank, world_size = _rank_and_world_size()
+    who = f"process {rank} of {world_size}: " if world_size > 1 else ""
+    _say(f"{who}epoch {state.epoch} ended after {state.batch_in_epoch} of its {planned} steps: the "
+         "data ran out (a stream is split between the processes and the DataLoader workers, each "
+         f"reading its share). Pass steps_per_epoch={state.batch_in_epoch} or fewer (train.py: "
+         "--steps-per-epoch), or give the loader more data.")
 
 
 def train_step(model: nn.Module, images, targets, optimizer: torch.optim.Optimizer,
@@ -2147,26 +2260,64 @@ def _read_checkpoint(path: str, map_location) -> dict:
 # The fit loop
 
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def _default_checkpoint_every(total_steps: int) -> int:
+    """:func:`fit`'s checkpoint interval when a path is given without ``checkpoint_every``:
+    about 20 checkpoints a run, never more than 1000 steps apart."""
+    return max(1, min(1000, total_steps // 20))
 
 
-def _resume(path: str, model, optimizer, scheduler, scaler, epochs: int, total_steps: int,
+def _start_state(path: Optional[str], resume: bool, parts: tuple, epochs: int,
+                 steps_per_epoch: int, every: Optional[int], say: bool) -> TrainState:
+    """The state :func:`fit` starts from: the checkpoint at ``path`` (``parts``: model,
+    optimizer, scheduler, scaler) when resuming, else a fresh one; says which."""
+    if path is not None and resume and os.path.exists(path):
+        return _resume(path, *parts, epochs, steps_per_epoch, say)
+    if path is not None and say:
+        why = (f"resume=False: starting fresh, {path} is overwritten" if os.path.exists(path)
+               else f"No checkpoint at {path}, starting fresh")
+        cadence = f"every {every} steps and " if every else ""
+        _say(f"{why} (checkpoints there {cadence}at the end of each epoch).")
+    return TrainState(total_steps=epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
+
+
+def _relayout(state: TrainState, steps_per_epoch: int, path: str, say: bool) -> None:
+    """A checkpoint of a run with another ``steps_per_epoch``: its steps continue in the new
+    layout (epoch ``step // steps_per_epoch``, the rest into it). The data order is that of an
+    uninterrupted run when the run stays in the epoch it was in, a fresh shuffle otherwise."""
+    old, state.steps_per_epoch = state.steps_per_epoch, steps_per_epoch
+    if old is None or old == steps_per_epoch:
+        return
+    epoch_of_rng = state.epoch if state.batch_in_epoch else state.epoch - 1
+    state.epoch, state.batch_in_epoch = divmod(state.step, steps_per_epoch)
+    if state.epoch != epoch_of_rng:
+        state.epoch_rng = None  # that epoch's first batches are not known: a fresh order
+    if say:
+        _say(f"{path} was saved by a run of {old} steps per epoch and this run has "
+             f"{steps_per_epoch}: its {state.step} steps count as epoch {state.epoch}, batch "
+             f"{state.batch_in_epoch}.")
+
+
+def _resume(path: str, model, optimizer, scheduler, scaler, epochs: int, steps_per_epoch: int,
             say: bool) -> TrainState:
-    """Load ``path`` for :func:`fit` and say what goes on: where the run stands, a schedule
-    re-planned for a new length (its learning rate set for the current step at once, so that no
-    step runs at the old schedule's final rate), or that there is nothing left to train."""
+    """Load ``path`` for :func:`fit` and say what goes on: where the run stands (re-laid out for a
+    changed ``steps_per_epoch``), a schedule re-planned for a new length (its learning rate set
+    for the current step at once, so that no step runs at the old schedule's final rate), or that
+    there is nothing left to train."""
     state = load_checkpoint(path, model, optimizer, scheduler, scaler)
+    total_steps = epochs * steps_per_epoch
     planned, state.total_steps = state.total_steps, total_steps
+    _relayout(state, steps_per_epoch, path, say)
     if state.epoch >= epochs:
         if say:
             _say(f"Nothing to train: {path} already holds {state.epoch} epochs ({state.step} "
-                 f"steps) and {epochs} were asked for. Pass more epochs to continue it, or "
-                 "resume=False (train.py: --no-resume) to start over.")
+                 f"steps) and this run asks for {epochs} epochs of {steps_per_epoch} steps. Pass "
+                 "more epochs or steps to continue it, or resume=False (train.py: --no-resume) "
+                 "to start over.")
         return state
     if say:
         _say(f"Resuming from {path}: epoch {state.epoch}, step {state.step} (batch "
-             f"{state.batch_in_epoch} of the epoch), {epochs} epochs in all.")
+             f"{state.batch_in_epoch} of the epoch), continuing to step {total_steps} "
+             f"({epochs} epochs in all).")
     if planned is not None and planned != total_steps and isinstance(
             scheduler, torch.optim.lr_scheduler.LambdaLR):
         for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs,
@@ -2177,6 +2328,51 @@ def _resume(path: str, model, optimizer, scheduler, scaler, epochs: int, total_s
                  f"learning-rate schedule is re-planned and continues at "
                  f"{optimizer.param_groups[0]['lr']:.3g}.")
     return state
+
+
+class _StopAfterStep:
+    """While active, in the main thread of a single-process run, the first Ctrl-C (SIGINT) asks
+    the training loop to stop after the step in progress, so the checkpoint saved then is exact;
+    a second Ctrl-C stops at once. Under DDP a stop must reach every process in the same step,
+    so there Ctrl-C keeps its usual effect and the periodic checkpoints are what resumes."""
+
+    def __init__(self):
+        self.asked, self._previous, self._pid = False, None, os.getpid()
+
+    def __enter__(self) -> "_StopAfterStep":
+        if threading.current_thread() is threading.main_thread() and not _is_distributed():
+            self._previous = signal.signal(signal.SIGINT, self._ask)
+        return self
+
+    def _ask(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked DataLoader worker: it serves on, the loop stops
+            return
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        _say("\nCtrl-C: stopping after this step to save a checkpoint (Ctrl-C again stops at once).")
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _interruption(err: KeyboardInterrupt, state: TrainState, path: Optional[str], save,
+                  saved_step: Optional[int]) -> TrainingInterrupted:
+    """Save the state an interruption between two steps leaves (one process), and return the
+    one-line :class:`TrainingInterrupted` that says where the run can resume from."""
+    between_steps = not isinstance(err, _InterruptedMidStep)
+    if path is None:
+        where = "nothing saved (no checkpoint_path)"
+    elif between_steps and not _is_distributed() and state.step > 0:
+        if saved_step != state.step:
+            save(state)
+        where = f"saved {path}; run the same again to resume from there"
+    elif saved_step is not None:
+        where = f"{path} holds step {saved_step}, where the same run resumes"
+    else:
+        where = "no checkpoint written yet"
+    return TrainingInterrupted(f"Interrupted at step {state.step} of {state.total_steps}: {where}.")
 
 
 def fit(
@@ -2209,11 +2405,17 @@ def fit(
     ``weight_decay``), the warm-up + ``schedule`` (:func:`make_scheduler` over
     ``epochs * steps_per_epoch`` steps) and, on CUDA with ``amp``, a ``GradScaler``.
 
-    With ``checkpoint_path``, a checkpoint is written at the end of every epoch and every
-    ``checkpoint_every`` steps. With ``resume=True`` and an existing file, training continues from
-    it: an interrupted run (Ctrl-C, a lost machine) picks up at the last checkpoint and produces
-    the same weights and loss curve as a run that was never interrupted. The returned history then
-    covers the whole run, the steps before the interruption included.
+    With ``checkpoint_path``, a checkpoint is written at the end of every epoch, every
+    ``checkpoint_every`` steps (default: about 20 times a run, at most 1000 steps apart; 0: only
+    at the ends of epochs) and when Ctrl-C stops the run: the first Ctrl-C lets the step in
+    progress finish, saves, and raises :class:`TrainingInterrupted`, whose message says where (a
+    second Ctrl-C stops at once, keeping the last checkpoint). With ``resume=True`` and an
+    existing file, training continues from it and says so (or says that it starts fresh): an
+    interrupted run picks up at the last checkpoint and produces the same weights and loss curve
+    as a run that was never interrupted. The returned history then covers the whole run, the
+    steps before the interruption included. A run started again with another ``steps_per_epoch``
+    or ``epochs`` continues the checkpoint's steps up to the new total (schedule re-planned), or
+    says there is nothing to train when the checkpoint holds as many.
 
     Args:
         model: the detector (or its DDP wrapper from :func:`wrap_distributed`), moved to ``device``.
@@ -2240,28 +2442,43 @@ def fit(
     if scheduler is None:
         scheduler = make_scheduler(optimizer, total_steps, warmup_steps, schedule)
     scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
-
-    state = TrainState(total_steps=total_steps)
-    if checkpoint_path is not None and resume and os.path.exists(checkpoint_path):
-        state = _resume(checkpoint_path, model, optimizer, scheduler, scaler, epochs, total_steps,
-                        say=progress and _is_main_process())
+    if checkpoint_path is not None and checkpoint_every is None:
+        checkpoint_every = _default_checkpoint_every(total_steps)
+    state = _start_state(checkpoint_path, resume, (model, optimizer, scheduler, scaler), epochs,
+                         steps_per_epoch, checkpoint_every, say=progress and _is_main_process())
+    saved = {"step": state.step if state.step else None, "rng": get_rng_state()}
 
     def save(current: TrainState, every: Optional[int] = 1) -> None:
         if checkpoint_path is not None and every and current.step % every == 0:
             save_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, current)
+            saved["step"] = current.step
 
-    while state.epoch < epochs:
-        _set_epoch(train_loader, state.epoch)
-        train_one_epoch(
-            model, train_loader, optimizer, scheduler,
-            device=device, amp=amp, scaler=scaler, max_grad_norm=max_grad_norm,
-            max_bad_steps=max_bad_steps, max_steps=steps_per_epoch, progress=progress,
-            state=state, on_step=lambda current: save(current, checkpoint_every),
-        )
-        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-        save(state)
-        if on_epoch_end is not None:
-            on_epoch_end(state.epoch - 1, state)
+    def after_step(current: TrainState) -> None:
+        save(current, checkpoint_every)
+        if checkpoint_path is not None:
+            saved["rng"] = get_rng_state()  # what a save between this step and the next holds
+        if stop.asked:
+            raise KeyboardInterrupt
+
+    try:
+        with _StopAfterStep() as stop:
+            while state.epoch < epochs:
+                _set_epoch(train_loader, state.epoch)
+                train_one_epoch(
+                    model, train_loader, optimizer, scheduler,
+                    device=device, amp=amp, scaler=scaler, max_grad_norm=max_grad_norm,
+                    max_bad_steps=max_bad_steps, max_steps=steps_per_epoch, progress=progress,
+                    state=state, on_step=after_step,
+                )
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                save(state)
+                if on_epoch_end is not None:
+                    on_epoch_end(state.epoch - 1, state)
+                saved["rng"] = get_rng_state()
+    except KeyboardInterrupt as err:
+        if checkpoint_path is not None and not isinstance(err, _InterruptedMidStep):
+            set_rng_state(saved["rng"])  # as it was after the last step, not mid-way to the next
+        raise _interruption(err, state, checkpoint_path, save, saved["step"]) from None
     return state.history
 
 
@@ -2699,8 +2916,8 @@ def evaluate(model: nn.Module, loader, *, verbose: bool = False, progress: bool 
     model.eval()
     try:
         with torch.no_grad():
-            for step, (images, targets) in enumerate(tqdm(loader, desc="evaluate",
-                                                          disable=not progress)):
+            for step, (images, targets) in enumerate(ProgressBar(loader, desc="evaluate",
+                                                                 disable=not progress)):
                 if max_batches is not None and step >= max_batches:
                     break
                 images, _ = _to_device(images, [], device)

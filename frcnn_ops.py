@@ -156,16 +156,22 @@ def _greedy_nms_sorted(boxes: Tensor, threshold: float, groups: Optional[Tensor]
     return keep > 0
 
 
-def _check_nms_inputs(boxes: Tensor, scores: Tensor, idxs: Optional[Tensor] = None) -> None:
+def _check_nms_inputs(boxes: Tensor, scores: Tensor, idxs: Optional[Tensor] = None,
+                      with_idxs: bool = False) -> None:
     """Refuse anything but boxes ``[N, 4]``, scores ``[N]`` (and idxs ``[N]``), naming the shapes."""
+    names = ["boxes", "scores"] + (["idxs"] if with_idxs else [])
+    for name, value in zip(names, (boxes, scores, idxs)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} is {type(value).__name__}: expected a tensor (boxes [N, 4], "
+                            "scores [N]" + (", idxs [N]" if with_idxs else "") + ")")
     n = boxes.shape[0] if boxes.dim() == 2 else -1
     shapes_ok = boxes.dim() == 2 and boxes.shape[1] == 4 and tuple(scores.shape) == (n,)
-    if idxs is not None:
+    if with_idxs:
         shapes_ok = shapes_ok and tuple(idxs.shape) == (n,)
     if not shapes_ok:
         got = f"boxes {list(boxes.shape)}, scores {list(scores.shape)}"
-        got += f", idxs {list(idxs.shape)}" if idxs is not None else ""
-        expected = "boxes [N, 4], scores [N]" + (", idxs [N]" if idxs is not None else "")
+        got += f", idxs {list(idxs.shape)}" if with_idxs else ""
+        expected = "boxes [N, 4], scores [N]" + (", idxs [N]" if with_idxs else "")
         raise ValueError(f"got {got}: expected {expected} (one score per box, boxes as "
                          "x1, y1, x2, y2)")
 
@@ -213,10 +219,11 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         int64 ``[K]``: indices of the kept boxes, by decreasing score; equal scores in index order.
         (torchvision keeps the same boxes; with more than 1000 boxes on the CPU, or 25000 on a
         GPU, it orders equal scores by an unstable sort, so their order may differ from this one.)
+        Empty ``boxes`` give an empty result whatever the other arguments, as torchvision's.
     """
-    _check_nms_inputs(boxes, scores, idxs)
-    if boxes.shape[0] == 0:
+    if isinstance(boxes, Tensor) and boxes.numel() == 0:  # torchvision checks nothing else then
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    _check_nms_inputs(boxes, scores, idxs, with_idxs=True)
     dtype = _compute_dtype(boxes)
     with torch.autocast(boxes.device.type, enabled=False), _one_cpu_thread(boxes.device):
         by_score = torch.sort(scores.to(dtype), descending=True, stable=True)[1]

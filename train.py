@@ -1,16 +1,20 @@
 """Train a detector from the command line, on one device or data-parallel under torchrun.
 
-    python train.py --epochs 2                                  # one process, synthetic shapes
-    torchrun --nproc_per_node=2 train.py --epochs 2             # two processes (GPUs, or CPU + gloo)
-    torchrun --nproc_per_node=8 train.py --data coco --model resnet50_fpn \\
+    .venv/bin/python train.py --epochs 2                        # one process, synthetic shapes
+    .venv/bin/torchrun --nproc_per_node=2 train.py --epochs 2   # two processes (GPUs, or CPU + gloo)
+    .venv/bin/torchrun --nproc_per_node=8 train.py --data coco --model resnet50_fpn \\
         --weights-backbone IMAGENET1K_V1 --steps-per-epoch 7000 --epochs 26 --batch-size 2
 
-``--batch-size`` is per process. Rerunning the same command after an interruption resumes from
-``--checkpoint``. All the logic lives in ``frcnn_common`` (``fit``, ``setup_distributed``,
-``wrap_distributed``, ``make_loader``); this file only turns arguments into calls.
+Run from the course folder after `make setup`, with the environment's own python and torchrun
+(.venv/bin/...), or after `source .venv/bin/activate` as plain `python` and `torchrun`.
+``--batch-size`` is per process. Ctrl-C stops after the step in progress and saves the checkpoint;
+the same command run again resumes from ``--checkpoint``. All the logic lives in ``frcnn_common``
+(``fit``, ``setup_distributed``, ``wrap_distributed``, ``make_loader``); this file only turns
+arguments into calls.
 """
 
 import argparse
+import sys
 
 import torch
 
@@ -30,7 +34,14 @@ from frcnn_common import (
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the description's layout and shows every option's default."""
+    """--help keeps the description's layout and shows each option's default once: options whose
+    help already says what their default does, or whose default is None or False, are left as
+    written."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,29 +55,33 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="synthetic image side / COCO shorter side (default 128 / IMG_SIZE)")
     p.add_argument("--model", choices=["tiny", "resnet50_fpn"], default="tiny",
                    help="the small shapes detector or ResNet-50 + FPN")
-    p.add_argument("--weights-backbone", default=None, help="e.g. IMAGENET1K_V1 for resnet50_fpn")
+    p.add_argument("--weights-backbone", default=None,
+                   help="e.g. IMAGENET1K_V1 for resnet50_fpn (default: random weights)")
     p.add_argument("--trainable-layers", type=int, default=None,
                    help="backbone stages trained (default 3 with --weights-backbone, 5 without)")
     p.add_argument("--epochs", type=int, default=1, help="epochs in all (a resumed run included)")
     p.add_argument("--steps-per-epoch", type=int, default=None,
-                   help="batches per epoch (required for the COCO stream)")
+                   help="batches per epoch (default: the dataset's length; required for the COCO "
+                        "stream)")
     p.add_argument("--batch-size", type=int, default=8, help="images per process and step")
     p.add_argument("--lr", type=float, default=0.02,
                    help="peak learning rate (0.02 is torchvision's for 16 images per step)")
     p.add_argument("--warmup-steps", type=int, default=None,
-                   help="linear warm-up steps (None: min(1000, total // 10))")
+                   help="linear warm-up steps (default: min(1000, total steps // 10))")
     p.add_argument("--schedule", choices=["cosine", "step"], default="cosine",
                    help="learning-rate decay after the warm-up")
     p.add_argument("--max-grad-norm", type=float, default=None,
-                   help="clip the gradient's L2 norm (None: no clipping)")
+                   help="clip the gradient's L2 norm (default: no clipping)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute the backbone's top stages in backward (less memory)")
     p.add_argument("--checkpoint", default="runs/train.pt",
-                   help="checkpoint file, written every epoch and resumed from")
+                   help="checkpoint file: written every N steps, at each epoch's end and on Ctrl-C; "
+                        "resumed from")
     p.add_argument("--checkpoint-every", type=int, default=None,
-                   help="also write the checkpoint every N steps")
+                   help="write the checkpoint every N steps (default: about 20 times a run, at "
+                        "most 1000 steps apart; 0: only at the ends of epochs)")
     p.add_argument("--no-resume", action="store_true", help="start over even if --checkpoint exists")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the weights")
@@ -101,6 +116,10 @@ def main(argv=None) -> None:
             resume=not args.no_resume)
         if info.rank == 0:
             print(summary(history, args.checkpoint), flush=True)
+    except KeyboardInterrupt as stop:  # fit's TrainingInterrupted says where it saved
+        if info.rank == 0:
+            print(str(stop) or "Interrupted.", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None  # 128 + SIGINT, the shell's code for Ctrl-C
     finally:
         cleanup_distributed()
 

@@ -3,6 +3,7 @@
 import re
 import socket
 import time
+import warnings
 
 import pytest
 import torch
@@ -500,3 +501,24 @@ def test_bfloat16_autocast_on_cpu_runs_the_whole_model(pair, images):
     assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in losses.values())
     assert results[0]["boxes"].dtype == torch.float32 and results[0]["boxes"].shape[0] > 0
     assert torch.isfinite(proposals[0]).all()
+
+
+def test_an_empty_image_given_torch_tensor_of_nothing_is_told_the_shape():
+    model = fc.FasterRCNN(4, fc.TinyBackbone((32, 64, 64), num_outputs=1), anchor_stride=8).train()
+    with pytest.raises(ValueError, match=r"boxes \[0\].*reshape\(0, 4\)"):
+        model(torch.randn(1, 3, 64, 64), [{"boxes": torch.tensor([]), "labels": torch.tensor([])}])
+    with pytest.raises(TypeError, match="target 0: boxes and labels must be tensors"):
+        model(torch.randn(1, 3, 64, 64), [{"boxes": None, "labels": torch.tensor([1])}])
+
+
+def test_boxes_given_as_fractions_of_the_image_are_warned_about():
+    model = fc.FasterRCNN(4, fc.TinyBackbone((32, 64, 64), num_outputs=1), anchor_stride=8).train()
+    fractions = [{"boxes": torch.tensor([[0.1, 0.2, 0.5, 0.6]]), "labels": torch.tensor([1])}] * 2
+    with pytest.warns(UserWarning, match=r"under 4 px.*160x128.*fractions of the image"):
+        model(torch.randn(2, 3, 128, 160), fractions)
+    pixels = [{"boxes": torch.tensor([[10.0, 20, 50, 60], [1, 1, 3, 3]]), "labels": torch.tensor([1, 2])}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one real box in the batch: no warning
+        model(torch.randn(1, 3, 128, 160), pixels)
+        model(torch.randn(1, 3, 64, 64), [{"boxes": torch.tensor([[0.1, 0.2, 0.5, 0.6]]),
+                                           "labels": torch.tensor([1])}])  # small images: no warning

@@ -366,3 +366,19 @@ def test_run_op_accepts_low_precision_inputs(backend):
     assert torch.equal(out, tv.roi_align(x.bfloat16().float(), rois, 3, 0.25, 2).bfloat16())
     assert torch.equal(keep, tv.nms(boxes.half().float(), scores.half().float(), 0.5))
     assert torch.equal(keep_b, tv.batched_nms(boxes.half().float(), scores.half().float(), torch.arange(100) % 2, 0.5))
+
+
+def test_batched_nms_of_no_boxes_is_empty_whatever_else_is_passed():
+    empty = torch.empty((0,), dtype=torch.int64)  # torchvision's own test passes exactly this
+    for impl in (fc.batched_nms, tv.batched_nms):
+        assert torch.equal(impl(empty, None, None, None), empty)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: fc.nms(torch.zeros(3, 4), None, 0.5), "scores is NoneType"),
+    (lambda: fc.batched_nms(torch.zeros(3, 4), torch.zeros(3), None, 0.5), "idxs is NoneType"),
+    (lambda: fc.batched_nms([[0, 0, 1, 1]], torch.zeros(1), torch.zeros(1), 0.5), "boxes is list"),
+])
+def test_nms_inputs_that_are_not_tensors_are_named(call, name):
+    with pytest.raises(TypeError, match=name):
+        call()

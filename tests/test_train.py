@@ -4,6 +4,8 @@ a short proof that the small detector learns the synthetic shapes."""
 import glob
 import math
 import os
+import re
+import signal
 import socket
 import time
 
@@ -20,6 +22,8 @@ from frcnn_common import (
     NonFiniteLossError,
     SyntheticShapesDataset,
     TrainState,
+    TrainingInterrupted,
+    _default_checkpoint_every,
     cleanup_distributed,
     fit,
     load_checkpoint,
@@ -245,6 +249,132 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert not glob.glob(str(tmp_path / ".*tmp*")), "temporary checkpoint files left behind"
 
 
+class CtrlCLoader:
+    """Yields the batches of ``loader``; ``how="signal"`` sends this process a real SIGINT just
+    before yielding batch number ``at`` (counted from 0 across epochs), as Ctrl-C in a terminal
+    would during that batch's step; ``how="raise"`` raises KeyboardInterrupt instead of yielding
+    it, as Ctrl-C while the loader fetches."""
+
+    def __init__(self, loader, at: int, how: str):
+        self.loader, self.at, self.how, self.drawn = loader, at, how, 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if self.drawn == self.at:
+                if self.how == "raise":
+                    raise KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGINT)
+            self.drawn += 1
+            yield batch
+
+
+@pytest.mark.parametrize("how, saved_step", [("raise", 4), ("signal", 5)])
+def test_ctrl_c_saves_a_checkpoint_and_the_rerun_equals_an_uninterrupted_run(tmp_path, capsys,
+                                                                             how, saved_step):
+    settings = dict(lr=0.01, warmup_steps=2, **QUIET)
+    loader = shapes_loader()  # 3 batches per epoch, shuffled, randomly flipped
+    model_a = small_detector(seed=0)
+    torch.manual_seed(1)
+    history_a = fit(model_a, loader, 2, **settings)
+
+    model_b = small_detector(seed=0)
+    torch.manual_seed(1)
+    path = str(tmp_path / "b.pt")
+    with pytest.raises(TrainingInterrupted) as stopped:  # checkpoint_every=0: only the Ctrl-C save
+        fit(model_b, CtrlCLoader(loader, at=4, how=how), 2, checkpoint_path=path,
+            checkpoint_every=0, **settings)
+    assert str(stopped.value) == f"Interrupted at step {saved_step} of 6: saved {path}; run the " \
+                                 "same again to resume from there."
+    assert isinstance(stopped.value, KeyboardInterrupt)
+    assert load_checkpoint(path, small_detector()).step == saved_step
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+    model_c = small_detector(seed=7)
+    torch.manual_seed(12345)
+    history_c = fit(model_c, loader, 2, checkpoint_path=path, **{**settings, "progress": True})
+    assert "Resuming from" in capsys.readouterr().err
+    assert_same_weights(weights(model_a), weights(model_c))
+    for key in ("total", "rpn_cls", "roi_cls", "lr"):
+        assert history_c[key] == pytest.approx(history_a[key], rel=1e-5, abs=1e-7), key
+
+
+class InterruptedForward(nn.Module):
+    """Wraps a model; its forward number ``at`` (from 0) raises KeyboardInterrupt mid-step."""
+
+    def __init__(self, inner, at: int):
+        super().__init__()
+        self.inner, self.at, self.calls = inner, at, 0
+        self.num_classes = inner.num_classes
+
+    def forward(self, images, targets):
+        self.calls += 1
+        if self.calls - 1 == self.at:
+            raise KeyboardInterrupt
+        return self.inner(images, targets)
+
+
+def test_an_interrupt_inside_a_step_keeps_the_last_checkpoint(tmp_path):
+    path = str(tmp_path / "mid.pt")
+    model = InterruptedForward(ToyDetector(), at=3)
+    with pytest.raises(TrainingInterrupted, match=f"step 3 of 4: {re.escape(path)} holds step 2"):
+        fit(model, make_loader(toy_data(4), 1, shuffle=False), 1, checkpoint_path=path,
+            checkpoint_every=2, **QUIET)
+    assert load_checkpoint(path, InterruptedForward(ToyDetector(), at=-1)).step == 2
+
+
+def test_a_fresh_run_says_so_and_saves_about_twenty_times(tmp_path, capsys):
+    path = str(tmp_path / "new.pt")
+    fit(ToyDetector(), make_loader(toy_data(4), 1, shuffle=False), 1, checkpoint_path=path,
+        device=CPU, amp=False, progress=True)
+    said = capsys.readouterr().err
+    assert f"No checkpoint at {path}, starting fresh (checkpoints there every 1 steps" in said
+    assert [_default_checkpoint_every(n) for n in (4, 400, 10**6)] == [1, 20, 1000]
+
+
+def test_a_rerun_with_another_step_count_continues_or_says_it_is_done(tmp_path, capsys):
+    path = str(tmp_path / "steps.pt")
+    loader = make_loader(toy_data(8), 2, shuffle=False)  # 4 batches
+    settings = dict(checkpoint_path=path, device=CPU, amp=False, progress=True, warmup_steps=0)
+    fit(ToyDetector(), loader, 1, steps_per_epoch=2, **settings)
+    capsys.readouterr()
+    history = fit(ToyDetector(), loader, 1, steps_per_epoch=4, **settings)
+    said = capsys.readouterr().err
+    assert "a run of 2 steps per epoch and this run has 4: its 2 steps count as epoch 0, batch 2" in said
+    assert "continuing to step 4" in said and "planned over 2 steps and now spans 4" in said
+    assert history["step"] == [1.0, 2.0, 3.0, 4.0]
+    history = fit(ToyDetector(), loader, 1, steps_per_epoch=3, **settings)
+    said = capsys.readouterr().err
+    assert "Nothing to train" in said and "(4 steps)" in said and "1 epochs of 3 steps" in said
+    assert len(history["total"]) == 4
+
+
+def test_data_that_runs_out_before_steps_per_epoch_is_reported(capsys):
+    loader = make_loader(toy_data(4), 2, shuffle=False)  # 2 batches
+    history = fit(ToyDetector(), loader, 1, steps_per_epoch=3, **QUIET)
+    assert len(history["total"]) == 2
+    said = capsys.readouterr().err
+    assert "epoch 0 ended after 2 of its 3 steps: the data ran out" in said
+    assert "steps_per_epoch=2 or fewer" in said
+
+
+def test_progress_bar_copies_its_line_to_the_progress_file(tmp_path, monkeypatch):
+    import frcnn_common
+
+    copy = tmp_path / "progress.txt"
+    monkeypatch.setenv("FRCNN_PROGRESS_FILE", str(copy))
+    monkeypatch.setattr(frcnn_common, "PROGRESS_FILE_SECONDS", 0.0)
+    fit(ToyDetector(), make_loader(toy_data(4), 2, shuffle=False), 1, device=CPU, amp=False,
+        progress=True)
+    lines = copy.read_text().splitlines()
+    assert lines[0].startswith("epoch 0: 1/2 [") and "total=" in lines[0] and "lr=" in lines[0]
+    assert lines[-1].startswith("epoch 0: 2/2 [")
+    fit(ToyDetector(), make_loader(toy_data(4), 2, shuffle=False), 1, **QUIET)  # no bar, no copy
+    assert len(copy.read_text().splitlines()) == len(lines)
+
+
 def test_checkpoint_from_other_num_classes_is_refused(tmp_path):
     path = str(tmp_path / "four.pt")
     four = small_detector(num_classes=4)
@@ -336,7 +466,10 @@ def test_train_py_help_shows_defaults_and_a_run_says_where_its_checkpoint_went(t
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = os.path.join(root, "train.py")
     shown = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
-    assert "(default: 0.02)" in shown.stdout
+    assert "(default: 0.02)" in shown.stdout and ".venv/bin/torchrun" in shown.stdout
+    options = re.split(r"\n  -", shown.stdout.split("options:")[1])
+    assert all(re.sub(r"\s+", " ", o).count("default") <= 1 for o in options), "a default twice"
+    assert "(default: None)" not in shown.stdout
     path = str(tmp_path / "cli.pt")
     args = [sys.executable, script, "--num-images", "4", "--image-size", "64", "--batch-size", "2",
             "--no-amp", "--checkpoint", path]
@@ -467,3 +600,22 @@ def test_small_detector_learns_the_shapes():
     assert sum(result["history"]["skipped"]) == 0
     assert sum(total[-20:]) < 0.5 * sum(total[:20])
     assert result["metrics"]["AP50"] > 0.2, result["metrics"]
+
+
+def test_train_py_on_ctrl_c_prints_one_line_and_exits_130(tmp_path, monkeypatch, capsys):
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import train
+
+    def interrupted_fit(*args, **kwargs):
+        raise TrainingInterrupted(f"Interrupted at step 3 of 8: saved {kwargs['checkpoint_path']}; "
+                                  "run the same again to resume from there.")
+
+    monkeypatch.setattr(train, "fit", interrupted_fit)
+    path = str(tmp_path / "cli.pt")
+    with pytest.raises(SystemExit) as exit_code:
+        train.main(["--num-images", "4", "--image-size", "64", "--no-amp", "--checkpoint", path])
+    assert exit_code.value.code == 130
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said == [f"Interrupted at step 3 of 8: saved {path}; run the same again to resume from there."]
