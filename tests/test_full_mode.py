@@ -1,0 +1,83 @@
+"""Full mode's own code paths on the CPU: its knobs, its COCO run from the official layout with
+stand-in ImageNet weights under torchvision's cached file name, chunked inference, and the
+official-layout records notebook 01 reads."""
+
+import os
+
+import pytest
+import torch
+import torchvision
+
+import frcnn_common as fc
+from conftest import SCENES, expected_objects, write_coco_layout
+
+
+def test_full_mode_settings_read_each_knob_from_the_environment(monkeypatch):
+    for variable in fc.FULL_MODE_KNOBS.values():
+        monkeypatch.delenv(variable, raising=False)
+    assert fc.full_mode_settings() == fc.COCO_RECIPE
+    monkeypatch.setenv("FRCNN_STEPS", "20")
+    monkeypatch.setenv("FRCNN_IMAGE_SIZE", "256")
+    config = fc.full_mode_settings(batch_size=2)
+    assert (config["steps"], config["image_size"], config["batch_size"]) == (20, 256, 2)
+    assert config["eval_images"] == fc.COCO_RECIPE["eval_images"]
+
+
+@pytest.mark.parametrize("text", ["abc", "0", "-3", "2.5"])
+def test_full_mode_settings_refuse_a_bad_value_by_its_name(monkeypatch, text):
+    monkeypatch.setenv("FRCNN_BATCH", text)
+    with pytest.raises(ValueError, match=f"FRCNN_BATCH={text!r}.*positive whole number"):
+        fc.full_mode_settings()
+
+
+def test_loader_workers_never_exceed_the_usable_cores():
+    cores = len(os.sched_getaffinity(0))
+    assert fc.loader_workers(64) == cores
+    assert fc.loader_workers(1) == 1
+    assert fc.loader_workers(0) == 0
+
+
+def test_predict_in_chunks_gives_the_detections_of_one_batch():
+    torch.manual_seed(0)
+    model = fc.tiny_detector(4).eval()
+    images = [torch.randn(3, 64, 80) for _ in range(5)]
+    whole = model.predict(images)
+    chunked = model.predict(images, batch_size=2)
+    assert len(chunked) == 5 and any(len(r["boxes"]) for r in whole)
+    for a, b in zip(whole, chunked):
+        for key in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(a[key], b[key])
+    with pytest.raises(ValueError, match="batch_size"):
+        model.predict(images, batch_size=0)
+
+
+def test_official_layout_rows_become_corner_records_as_notebook_01_reads_them(tmp_path):
+    stream = fc.COCOStreamDataset("val", source=write_coco_layout(str(tmp_path / "coco")))
+    raw = next(iter(stream.rows))
+    assert "objects" not in raw  # a record of the JSON file, not a row of the hub
+    record = stream.to_record(raw)
+    boxes, _ = expected_objects(SCENES[0])
+    assert torch.as_tensor(record["boxes"]).tolist() == boxes
+    width, height = SCENES[0]["size"]
+    assert tuple(fc.load_rgb(record["image"]).shape) == (3, height, width)
+
+
+def test_coco_experiment_trains_scores_and_resumes_from_its_checkpoint(tmp_path, monkeypatch,
+                                                                         resnet50_state):
+    """Two steps of ResNet-50 + FPN on a COCO folder, then a rerun asked for one step more."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights))
+    os.makedirs(os.path.dirname(cached))
+    torch.save(resnet50_state, cached)  # torchvision loads a cached file without a download
+    root = str(tmp_path / "coco")
+    write_coco_layout(root, split="train")
+    write_coco_layout(root, split="val")
+    run = dict(source=root, device=torch.device("cpu"), progress=False, batch_size=2,
+               image_size=64, eval_images=3, checkpoint_path=str(tmp_path / "coco.pt"))
+    first = fc.coco_experiment(steps=2, **run)
+    assert len(first["history"]["total"]) == 2
+    assert os.path.isfile(run["checkpoint_path"]) and 0.0 <= first["metrics"]["AP50"] <= 1.0
+    assert first["config"]["image_size"] == 64 and first["held_out"].max_samples == 3
+    again = fc.coco_experiment(steps=3, **run)
+    assert again["history"]["step"][-1] == 3
