@@ -2846,6 +2846,26 @@ def coco_experiment(source=None, *, device=DEVICE, progress: bool = True,
             "train_seconds": train_seconds, "config": config}
 
 
+def training_step_flops(model: nn.Module, images: List[Tensor], targets: List[Dict[str, Tensor]]
+                        ) -> int:
+    """Floating-point operations of one training step (forward and backward of the summed loss)
+    of ``model`` on this batch (its ``"total"`` loss), counted by ``torch.utils.flop_counter.FlopCounterMode``: matrix
+    products and convolutions only (2 per multiply-add), so NMS, RoIAlign and the element-wise
+    ops are left out. The gradients it leaves are cleared."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.train()
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            model(images, targets)["total"].backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return counter.get_total_flops()
+
+
 # ─── 9. Evaluation ─────────────────────────────────────────────────────────────────────────────
 # COCO's box mAP computed by pycocotools itself (the numbers papers report), a loop that runs a
 # detector over a loader, and the drawing helpers the notebooks use.

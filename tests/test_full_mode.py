@@ -81,3 +81,13 @@ def test_coco_experiment_trains_scores_and_resumes_from_its_checkpoint(tmp_path,
     assert first["config"]["image_size"] == 64 and first["held_out"].max_samples == 3
     again = fc.coco_experiment(steps=3, **run)
     assert again["history"]["step"][-1] == 3
+
+
+def test_training_step_flops_grow_with_the_batch_and_leave_no_gradients():
+    torch.manual_seed(0)
+    data = fc.SyntheticShapesDataset(4, 96, seed=0, train=True)
+    model = fc.tiny_detector(data.num_classes).eval()
+    one = fc.training_step_flops(model, *fc.frcnn_collate_fn([data[0], data[1]]))
+    two = fc.training_step_flops(model, *fc.frcnn_collate_fn([data[i] for i in range(4)]))
+    assert one > 1e8 and 1.7 < two / one < 2.3  # the ROI head's fixed 512 boxes an image scale too
+    assert not model.training and all(p.grad is None for p in model.parameters())
