@@ -2775,6 +2775,8 @@ COCO_RECIPE = dict(
     batch_size=4,  # FRCNN_BATCH: images per step
     image_size=IMG_SIZE,  # FRCNN_IMAGE_SIZE: shorter side in pixels (torchvision trains at 800)
     eval_images=500,  # FRCNN_EVAL_IMAGES: held-out val2017 images scored with pycocotools
+    test_images=24,  # FRCNN_TEST_IMAGES: val2017 images notebook 06 shows and scores
+    test_size=800,  # FRCNN_TEST_SIZE: their shorter side (torchvision's 800; longer side at most 1333/800 of it)
     lr_per_16_images=0.02,  # torchvision's recipe: lr 0.02 for 16 images, scaled linearly
     warmup_steps=500,
     max_grad_norm=10.0,
@@ -2783,10 +2785,12 @@ COCO_RECIPE = dict(
 """Notebook 05's full-mode run: ResNet-50 + FPN from ImageNet weights on COCO with AMP and
 gradient checkpointing. Each knob is read from the environment variable named beside it by
 :func:`full_mode_settings`, so a quick trial on a laptop is, for example,
-``FRCNN_FAST=0 FRCNN_STEPS=20 FRCNN_BATCH=2 FRCNN_IMAGE_SIZE=256 FRCNN_EVAL_IMAGES=8``."""
+``FRCNN_FAST=0 FRCNN_STEPS=20 FRCNN_BATCH=2 FRCNN_IMAGE_SIZE=256 FRCNN_EVAL_IMAGES=8
+FRCNN_TEST_IMAGES=6 FRCNN_TEST_SIZE=400``."""
 
 FULL_MODE_KNOBS = {"steps": "FRCNN_STEPS", "batch_size": "FRCNN_BATCH",
-                   "image_size": "FRCNN_IMAGE_SIZE", "eval_images": "FRCNN_EVAL_IMAGES"}
+                   "image_size": "FRCNN_IMAGE_SIZE", "eval_images": "FRCNN_EVAL_IMAGES",
+                   "test_images": "FRCNN_TEST_IMAGES", "test_size": "FRCNN_TEST_SIZE"}
 
 
 def full_mode_settings(**overrides) -> dict:

@@ -91,3 +91,41 @@ def test_training_step_flops_grow_with_the_batch_and_leave_no_gradients():
     two = fc.training_step_flops(model, *fc.frcnn_collate_fn([data[i] for i in range(4)]))
     assert one > 1e8 and 1.7 < two / one < 2.3  # the ROI head's fixed 512 boxes an image scale too
     assert not model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_every_notebook_runs_in_full_mode_on_a_simulated_coco(tmp_path, resnet50_state):
+    """All six notebooks with FRCNN_FAST=0 on the CPU: COCO from a folder in the official layout,
+    torchvision's ImageNet and COCO weights replaced by random ones under their cached names,
+    full mode's knobs at tiny sizes. Fails on any error output (about 4 minutes here)."""
+    import json
+    import subprocess
+    import sys
+
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    detection = torchvision.models.detection
+    stand_ins = {torchvision.models.ResNet50_Weights.IMAGENET1K_V1: resnet50_state,
+                 detection.FasterRCNN_ResNet50_FPN_Weights.COCO_V1: detection.fasterrcnn_resnet50_fpn(
+                     weights=None, weights_backbone=None).state_dict()}
+    for weights, state in stand_ins.items():
+        torch.save(state, checkpoints / os.path.basename(weights.url))
+    coco = str(tmp_path / "coco")
+    write_coco_layout(coco, split="train")
+    write_coco_layout(coco, split="val")
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "FRCNN_COCO": coco,
+           "MPLBACKEND": "Agg", "FRCNN_STEPS": "2", "FRCNN_BATCH": "2", "FRCNN_IMAGE_SIZE": "128",
+           "FRCNN_EVAL_IMAGES": "4", "FRCNN_TEST_IMAGES": "6", "FRCNN_TEST_SIZE": "128"}
+    env.pop("FRCNN_PROGRESS_FILE", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "tools/run_notebooks.py", "--full", "--out", str(out)],
+                         cwd=root, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for name in sorted(p.name for p in out.glob("*.ipynb")):
+        cells = json.loads((out / name).read_text())["cells"]
+        outputs = [o for c in cells if c["cell_type"] == "code" for o in c["outputs"]]
+        assert outputs, f"{name} kept no outputs"
+        errors = [o for o in outputs if o["output_type"] == "error"
+                  or "Traceback" in "".join(o.get("text", ""))]
+        assert not errors, f"{name}: {errors[0]}"
+    assert len(list(out.glob("*.ipynb"))) == 6
