@@ -2948,17 +2948,40 @@ def unnormalize(image: Tensor) -> Tensor:
     return image.clamp(0, 1).permute(1, 2, 0)
 
 
-def outline_box(ax, box, colour="yellow", label: Optional[str] = None, **style) -> None:
+def outline_box(ax, box, colour="yellow", label: Optional[str] = None, at=None, **style) -> None:
     """Draw box ``[4]`` (x1, y1, x2, y2) as an unfilled rectangle on a matplotlib axis, with an
-    optional label at its top-left corner."""
+    optional label: by default just above its top-left corner, or with its top-left corner at
+    ``at`` = (x, y) in the image's pixels (as :func:`_label_corners` places it)."""
     import matplotlib.pyplot as plt
 
     x1, y1, x2, y2 = [float(v) for v in box]
     ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec=colour,
                                lw=style.pop("lw", 2), **style))
     if label:
-        ax.text(x1, y1, label, color="white", fontsize=8, va="bottom",
+        x, y = (x1, y1) if at is None else at
+        ax.text(x, y, label, color="white", fontsize=8, va="bottom" if at is None else "top",
                 bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "edgecolor": "none"})
+
+
+def _label_corners(corners: List[Tuple[float, float]], widths: List[float], height: float,
+                   image_size: Tuple[int, int]) -> List[Tuple[float, float]]:
+    """Top-left corners (x, y) in pixels for labels ``widths[i]`` x ``height`` wanted just above
+    box corners ``corners[i]`` (x1, y1), placed in the order given (the first keeps its place):
+    each is kept inside the ``(H, W)`` image and moved down below any label placed before it
+    that it would overlap."""
+    h, w = image_size
+    placed: List[Tuple[float, float, float]] = []  # x, y, width of the labels placed so far
+    for (x1, y1), width in zip(corners, widths):
+        x = min(max(x1, 0.0), max(w - width, 0.0))
+        y = min(max(y1 - height, 0.0), max(h - height, 0.0))
+        for _ in range(len(placed) + 1):
+            hit = [py for px, py, pw in placed if x < px + pw and px < x + width
+                   and y < py + height and py < y + height]
+            if not hit:
+                break
+            y = min(max(hit) + height, max(h - height, 0.0))  # below the lowest one it touches
+        placed.append((x, y, width))
+    return [(x, y) for x, y, _ in placed]
 
 
 def draw_boxes(image: Tensor, boxes: Tensor, labels: Optional[Tensor] = None,
@@ -2984,23 +3007,44 @@ def draw_boxes(image: Tensor, boxes: Tensor, labels: Optional[Tensor] = None,
 
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 6))
-    ax.imshow((unnormalize(image) if image.ndim == 3 and image.shape[0] == 3 else image).numpy())
+    shown = (unnormalize(image) if image.ndim == 3 and image.shape[0] == 3 else image).numpy()
+    ax.imshow(shown)
     boxes = boxes.detach().cpu().reshape(-1, 4)
     keep = torch.ones(len(boxes), dtype=torch.bool)
     if scores is not None:
         scores = scores.detach().cpu()
         keep = scores >= score_threshold
     colours = plt.get_cmap("tab10")
-    for i in torch.nonzero(keep).flatten().tolist():
+    order = torch.nonzero(keep).flatten()
+    if scores is not None:  # the highest score first: it keeps its label's place
+        order = order[torch.sort(scores[order], descending=True, stable=True).indices]
+    texts = [_box_text(labels, scores, i, class_names) for i in order.tolist()]
+    ax.apply_aspect()  # the image's final place on the figure, to size the labels in pixels
+    pixel = abs(ax.transData.transform((1, 0))[0] - ax.transData.transform((0, 0))[0])
+    point = ax.figure.dpi / 72 / pixel  # one typographic point in image pixels
+    at = _label_corners([(float(boxes[i, 0]), float(boxes[i, 1])) for i in order.tolist()],
+                        [(0.6 * 8 * len(t) + 2) * point for t in texts], (8 * 1.3 + 2) * point,
+                        shown.shape[:2])  # 8 pt text, 1 pt padding on each side
+    for k in reversed(range(len(texts))):  # the lowest score drawn first, the highest on top
+        i = int(order[k])
         label = int(labels[i]) if labels is not None else None
         colour = colours(label % 10) if label is not None else "yellow"
-        texts = [] if label is None else [class_names[label] if label < len(class_names) else str(label)]
-        if scores is not None:
-            texts.append(f"{float(scores[i]):.2f}")
-        outline_box(ax, boxes[i], colour, " ".join(texts))  # no text: a plain outline
+        outline_box(ax, boxes[i], colour, texts[k], at=at[k])  # no text: a plain outline
     ax.set_title(title if title is not None else f"{int(keep.sum())} boxes")
     ax.axis("off")
     return ax
+
+
+def _box_text(labels: Optional[Tensor], scores: Optional[Tensor], i: int,
+              class_names: List[str]) -> str:
+    """Box ``i``'s label: its class name (or number) and score, either one if only it is given."""
+    texts = []
+    if labels is not None:
+        label = int(labels[i])
+        texts.append(class_names[label] if label < len(class_names) else str(label))
+    if scores is not None:
+        texts.append(f"{float(scores[i]):.2f}")
+    return " ".join(texts)
 
 
 def show_predictions(image: Tensor, target: Dict[str, Tensor], prediction: Dict[str, Tensor],

@@ -154,3 +154,28 @@ def test_notebook_06_alone_saves_its_detector_under_its_own_name(tmp_path, monke
     again = fc.shapes_detector("checkpoints/shapes_tiny.pt")  # loads the fallback, no training
     for a, b in zip(model.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
+
+
+# ─── detection figures ───────────────────────────────────────────────────────────────────────
+
+
+def test_draw_boxes_puts_the_highest_score_on_top_with_labels_inside_and_apart():
+    import matplotlib.pyplot as plt
+
+    image = torch.zeros(3, 64, 64)
+    boxes = torch.tensor([[0.0, 0, 30, 30], [1, 1, 31, 31], [2, 0, 32, 30], [40, 50, 64, 64]])
+    scores = torch.tensor([0.5, 0.9, 0.7, 0.6])
+    ax = fc.draw_boxes(image, boxes, torch.tensor([1, 2, 3, 1]), scores,
+                       class_names=fc.SHAPE_NAMES)
+    drawn = [float(text.get_text().split()[-1]) for text in ax.texts]
+    assert drawn == pytest.approx(sorted(scores.tolist()), abs=1e-6)  # later artists are drawn over earlier ones
+    ax.figure.canvas.draw()
+    inside = ax.get_window_extent()
+    extents = [text.get_window_extent() for text in ax.texts]
+    for box in extents:
+        assert inside.x0 - 1 <= box.x0 and box.x1 <= inside.x1 + 1
+        assert inside.y0 - 1 <= box.y0 and box.y1 <= inside.y1 + 1
+    for k, a in enumerate(extents):  # the three crowded labels do not cover one another
+        assert not any(a.overlaps(b) for b in extents[k + 1:])
+    assert ax.texts[-1].get_position()[1] == pytest.approx(0.0)  # the best label keeps the top
+    plt.close("all")
