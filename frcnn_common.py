@@ -1443,7 +1443,7 @@ class FasterRCNN(nn.Module):
         finally:
             self.train(was_training)
         if score_threshold is not None:
-            results = [{k: v[r["scores"] >= score_threshold] for k, v in r.items()} for r in results]
+            results = [keep_scoring(r, score_threshold) for r in results]
         return results
 
     # -- input checks ---------------------------------------------------------------------------
@@ -3116,7 +3116,7 @@ def show_source(obj) -> None:
     """Print the source code of a function or class of this module, where a notebook teaches it."""
     import inspect
 
-    print(f"# frcnn_common.{obj.__qualname__}\n{inspect.getsource(obj)}")
+    print(f"# {obj.__module__}.{obj.__qualname__}\n{inspect.getsource(obj)}")
 
 
 def _first_difference(yours, reference, cases, compare) -> Optional[str]:
@@ -3153,6 +3153,12 @@ def _equal(a, b) -> bool:
     return torch.equal(torch.as_tensor(a), torch.as_tensor(b))
 
 
+def keep_scoring(result: Dict[str, Tensor], score_threshold: float) -> Dict[str, Tensor]:
+    """One image's detections (``boxes [N, 4]``, ``scores [N]``, ``labels [N]``, ...) scoring at
+    least ``score_threshold``: what ``FasterRCNN.predict(score_threshold=...)`` keeps."""
+    return {key: value[result["scores"] >= score_threshold] for key, value in result.items()}
+
+
 def check_exercise(yours, reference, cases, compare=_close, name: Optional[str] = None) -> bool:
     """Run ``yours`` and ``reference`` on every case and say where they first differ (the input
     and both values) or that they agree. Returns True when they agree everywhere."""
@@ -3171,6 +3177,22 @@ def random_boxes(n: int, size: float = 100.0, generator: Optional[torch.Generato
     xy = torch.rand(n, 2, generator=generator) * (size - 1)
     wh = 1 + torch.rand(n, 2, generator=generator) * (size - xy).clamp(min=1) * 0.6
     return torch.cat((xy, (xy + wh).clamp(max=size)), 1)
+
+
+def check_score_filter(yours) -> bool:
+    """Exercise: ``yours(result, score_threshold)`` against :func:`keep_scoring`, on made-up
+    results that include scores equal to the threshold (kept: "at least")."""
+    g = torch.Generator().manual_seed(5)
+    cases = []
+    for t in (0.05, 0.3, 0.5, 0.9):
+        scores = torch.cat((torch.rand(5, generator=g), torch.tensor([t, t])))
+        result = {"boxes": random_boxes(7, generator=g), "scores": scores,
+                  "labels": torch.randint(1, 4, (7,), generator=g)}
+        cases.append((result, t))
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return check_exercise(yours, keep_scoring, cases, compare=same, name="keep_scoring")
 
 
 def _box_cases(generator: torch.Generator) -> List[Tuple[Tensor, Tensor]]:
@@ -3213,8 +3235,14 @@ def check_nms(yours) -> bool:
     """Exercise: ``yours(boxes, scores, iou_threshold) -> kept indices by decreasing score``,
     against :func:`nms`."""
     g = torch.Generator().manual_seed(2)
+    square, half = torch.tensor([[0.0, 0, 10, 10]]), torch.tensor([[0.0, 0, 10, 5]])  # IoU 0.5
+    five = torch.tensor([[20.0, 15, 70, 65], [10, 10, 60, 60], [28, 20, 78, 70],
+                         [105, 28, 152, 75], [100, 20, 150, 70]])  # notebook 03's A..E
     cases = [(torch.tensor([[0.0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]]),
-              torch.tensor([0.5, 0.9, 0.3]), 0.5)]
+              torch.tensor([0.5, 0.9, 0.3]), 0.5),
+             (five, torch.tensor([0.80, 0.90, 0.70, 0.55, 0.65]), 0.5),  # suppressed A: C kept
+             (torch.cat((square, half)), torch.tensor([0.9, 0.8]), 0.5),  # IoU = t: both kept
+             (torch.cat((square, square + 1, half + 40)), torch.tensor([0.7, 0.7, 0.7]), 0.5)]
     cases += [(random_boxes(12, 60, g), torch.rand(12, generator=g), t)
               for t in (0.3, 0.5, 0.7) for _ in range(3)]
     return check_exercise(yours, nms, cases, compare=_equal)
@@ -3228,8 +3256,9 @@ def _level_of(boxes: Tensor) -> Tensor:
 def check_level_mapper(yours) -> bool:
     """Exercise: ``yours(boxes [K, 4]) -> [K]`` pyramid level 2..5 of each box (FPN's rule),
     against :meth:`ROIAlign.level_of`."""
-    sides = torch.tensor([8.0, 56, 111, 112, 113, 224, 447, 448, 1000])
-    edge = torch.stack((torch.zeros(9), torch.zeros(9), sides, sides), 1)
+    sides = torch.tensor([8.0, 56, 111, 112, 113, 224, 447, 448, 1000,
+                          111.99997, 223.99994, 447.99988])  # 112, 224, 448 up to float32 error
+    edge = torch.stack((torch.zeros(12), torch.zeros(12), sides, sides), 1)
     g = torch.Generator().manual_seed(3)
     return check_exercise(yours, _level_of, [(edge,), (random_boxes(20, 800, g),)],
                           compare=_equal, name="ROIAlign.level_of")
@@ -3246,8 +3275,10 @@ def check_average_precision(yours) -> bool:
     COCO's 101-point rule, against :func:`match_detections` + :func:`average_precision`."""
     g = torch.Generator().manual_seed(4)
     gt = torch.tensor([[0.0, 0, 10, 10], [20, 20, 40, 40]])
+    pair = torch.tensor([[0.0, 0, 10, 10], [0, 1, 10, 10]])  # two objects, IoU 0.9
     cases = [(gt.clone(), torch.tensor([0.9, 0.8]), gt, 0.5),
-             (torch.cat((gt, gt[:1] + 0.5)), torch.tensor([0.9, 0.8, 0.95]), gt, 0.5)]
+             (torch.cat((gt, gt[:1] + 0.5)), torch.tensor([0.9, 0.8, 0.95]), gt, 0.5),
+             (pair[:1].repeat(2, 1), torch.tensor([0.9, 0.8]), pair, 0.5)]  # 2nd takes the free one
     for t in (0.5, 0.75):
         truth = random_boxes(4, 80, g)
         guesses = torch.cat((truth + torch.randn(4, 4, generator=g) * 2, random_boxes(4, 80, g)))
