@@ -226,7 +226,7 @@ def test_draw_boxes_puts_the_highest_score_on_top_with_labels_inside_and_apart()
     ax = fc.draw_boxes(image, boxes, torch.tensor([1, 2, 3, 1]), scores,
                        class_names=fc.SHAPE_NAMES)
     drawn = [float(text.get_text().split()[-1]) for text in ax.texts]
-    assert drawn == pytest.approx(sorted(scores.tolist()), abs=1e-6)  # later artists are drawn over earlier ones
+    assert drawn == pytest.approx(sorted(scores.tolist()), abs=1e-6)  # the last is drawn on top
     ax.figure.canvas.draw()
     inside = ax.get_window_extent()
     extents = [text.get_window_extent() for text in ax.texts]
