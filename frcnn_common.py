@@ -1452,7 +1452,7 @@ class FasterRCNN(nn.Module):
         finally:
             self.train(was_training)
         if score_threshold is not None:
-            results = [{k: v[r["scores"] >= score_threshold] for k, v in r.items()} for r in results]
+            results = [keep_scoring(r, score_threshold) for r in results]
         return results
 
     # -- input checks ---------------------------------------------------------------------------
@@ -3057,17 +3057,40 @@ def unnormalize(image: Tensor) -> Tensor:
     return image.clamp(0, 1).permute(1, 2, 0)
 
 
-def outline_box(ax, box, colour="yellow", label: Optional[str] = None, **style) -> None:
+def outline_box(ax, box, colour="yellow", label: Optional[str] = None, at=None, **style) -> None:
     """Draw box ``[4]`` (x1, y1, x2, y2) as an unfilled rectangle on a matplotlib axis, with an
-    optional label at its top-left corner."""
+    optional label: by default just above its top-left corner, or with its top-left corner at
+    ``at`` = (x, y) in the image's pixels (as :func:`_label_corners` places it)."""
     import matplotlib.pyplot as plt
 
     x1, y1, x2, y2 = [float(v) for v in box]
     ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec=colour,
                                lw=style.pop("lw", 2), **style))
     if label:
-        ax.text(x1, y1, label, color="white", fontsize=8, va="bottom",
+        x, y = (x1, y1) if at is None else at
+        ax.text(x, y, label, color="white", fontsize=8, va="bottom" if at is None else "top",
                 bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "edgecolor": "none"})
+
+
+def _label_corners(corners: List[Tuple[float, float]], widths: List[float], height: float,
+                   image_size: Tuple[int, int]) -> List[Tuple[float, float]]:
+    """Top-left corners (x, y) in pixels for labels ``widths[i]`` x ``height`` wanted just above
+    box corners ``corners[i]`` (x1, y1), placed in the order given (the first keeps its place):
+    each is kept inside the ``(H, W)`` image and moved down below any label placed before it
+    that it would overlap."""
+    h, w = image_size
+    placed: List[Tuple[float, float, float]] = []  # x, y, width of the labels placed so far
+    for (x1, y1), width in zip(corners, widths):
+        x = min(max(x1, 0.0), max(w - width, 0.0))
+        y = min(max(y1 - height, 0.0), max(h - height, 0.0))
+        for _ in range(len(placed) + 1):
+            hit = [py for px, py, pw in placed if x < px + pw and px < x + width
+                   and y < py + height and py < y + height]
+            if not hit:
+                break
+            y = min(max(hit) + height, max(h - height, 0.0))  # below the lowest one it touches
+        placed.append((x, y, width))
+    return [(x, y) for x, y, _ in placed]
 
 
 def draw_boxes(image: Tensor, boxes: Tensor, labels: Optional[Tensor] = None,
@@ -3093,23 +3116,44 @@ def draw_boxes(image: Tensor, boxes: Tensor, labels: Optional[Tensor] = None,
 
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 6))
-    ax.imshow((unnormalize(image) if image.ndim == 3 and image.shape[0] == 3 else image).numpy())
+    shown = (unnormalize(image) if image.ndim == 3 and image.shape[0] == 3 else image).numpy()
+    ax.imshow(shown)
     boxes = boxes.detach().cpu().reshape(-1, 4)
     keep = torch.ones(len(boxes), dtype=torch.bool)
     if scores is not None:
         scores = scores.detach().cpu()
         keep = scores >= score_threshold
     colours = plt.get_cmap("tab10")
-    for i in torch.nonzero(keep).flatten().tolist():
+    order = torch.nonzero(keep).flatten()
+    if scores is not None:  # the highest score first: it keeps its label's place
+        order = order[torch.sort(scores[order], descending=True, stable=True).indices]
+    texts = [_box_text(labels, scores, i, class_names) for i in order.tolist()]
+    ax.apply_aspect()  # the image's final place on the figure, to size the labels in pixels
+    pixel = abs(ax.transData.transform((1, 0))[0] - ax.transData.transform((0, 0))[0])
+    point = ax.figure.dpi / 72 / pixel  # one typographic point in image pixels
+    at = _label_corners([(float(boxes[i, 0]), float(boxes[i, 1])) for i in order.tolist()],
+                        [(0.6 * 8 * len(t) + 2) * point for t in texts], (8 * 1.3 + 2) * point,
+                        shown.shape[:2])  # 8 pt text, 1 pt padding on each side
+    for k in reversed(range(len(texts))):  # the lowest score drawn first, the highest on top
+        i = int(order[k])
         label = int(labels[i]) if labels is not None else None
         colour = colours(label % 10) if label is not None else "yellow"
-        texts = [] if label is None else [class_names[label] if label < len(class_names) else str(label)]
-        if scores is not None:
-            texts.append(f"{float(scores[i]):.2f}")
-        outline_box(ax, boxes[i], colour, " ".join(texts))  # no text: a plain outline
+        outline_box(ax, boxes[i], colour, texts[k], at=at[k])  # no text: a plain outline
     ax.set_title(title if title is not None else f"{int(keep.sum())} boxes")
     ax.axis("off")
     return ax
+
+
+def _box_text(labels: Optional[Tensor], scores: Optional[Tensor], i: int,
+              class_names: List[str]) -> str:
+    """Box ``i``'s label: its class name (or number) and score, either one if only it is given."""
+    texts = []
+    if labels is not None:
+        label = int(labels[i])
+        texts.append(class_names[label] if label < len(class_names) else str(label))
+    if scores is not None:
+        texts.append(f"{float(scores[i]):.2f}")
+    return " ".join(texts)
 
 
 def show_predictions(image: Tensor, target: Dict[str, Tensor], prediction: Dict[str, Tensor],
@@ -3181,7 +3225,7 @@ def show_source(obj) -> None:
     """Print the source code of a function or class of this module, where a notebook teaches it."""
     import inspect
 
-    print(f"# frcnn_common.{obj.__qualname__}\n{inspect.getsource(obj)}")
+    print(f"# {obj.__module__}.{obj.__qualname__}\n{inspect.getsource(obj)}")
 
 
 def _first_difference(yours, reference, cases, compare) -> Optional[str]:
@@ -3218,6 +3262,12 @@ def _equal(a, b) -> bool:
     return torch.equal(torch.as_tensor(a), torch.as_tensor(b))
 
 
+def keep_scoring(result: Dict[str, Tensor], score_threshold: float) -> Dict[str, Tensor]:
+    """One image's detections (``boxes [N, 4]``, ``scores [N]``, ``labels [N]``, ...) scoring at
+    least ``score_threshold``: what ``FasterRCNN.predict(score_threshold=...)`` keeps."""
+    return {key: value[result["scores"] >= score_threshold] for key, value in result.items()}
+
+
 def check_exercise(yours, reference, cases, compare=_close, name: Optional[str] = None) -> bool:
     """Run ``yours`` and ``reference`` on every case and say where they first differ (the input
     and both values) or that they agree. Returns True when they agree everywhere."""
@@ -3236,6 +3286,22 @@ def random_boxes(n: int, size: float = 100.0, generator: Optional[torch.Generato
     xy = torch.rand(n, 2, generator=generator) * (size - 1)
     wh = 1 + torch.rand(n, 2, generator=generator) * (size - xy).clamp(min=1) * 0.6
     return torch.cat((xy, (xy + wh).clamp(max=size)), 1)
+
+
+def check_score_filter(yours) -> bool:
+    """Exercise: ``yours(result, score_threshold)`` against :func:`keep_scoring`, on made-up
+    results that include scores equal to the threshold (kept: "at least")."""
+    g = torch.Generator().manual_seed(5)
+    cases = []
+    for t in (0.05, 0.3, 0.5, 0.9):
+        scores = torch.cat((torch.rand(5, generator=g), torch.tensor([t, t])))
+        result = {"boxes": random_boxes(7, generator=g), "scores": scores,
+                  "labels": torch.randint(1, 4, (7,), generator=g)}
+        cases.append((result, t))
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return check_exercise(yours, keep_scoring, cases, compare=same, name="keep_scoring")
 
 
 def _box_cases(generator: torch.Generator) -> List[Tuple[Tensor, Tensor]]:
@@ -3278,8 +3344,14 @@ def check_nms(yours) -> bool:
     """Exercise: ``yours(boxes, scores, iou_threshold) -> kept indices by decreasing score``,
     against :func:`nms`."""
     g = torch.Generator().manual_seed(2)
+    square, half = torch.tensor([[0.0, 0, 10, 10]]), torch.tensor([[0.0, 0, 10, 5]])  # IoU 0.5
+    five = torch.tensor([[20.0, 15, 70, 65], [10, 10, 60, 60], [28, 20, 78, 70],
+                         [105, 28, 152, 75], [100, 20, 150, 70]])  # notebook 03's A..E
     cases = [(torch.tensor([[0.0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]]),
-              torch.tensor([0.5, 0.9, 0.3]), 0.5)]
+              torch.tensor([0.5, 0.9, 0.3]), 0.5),
+             (five, torch.tensor([0.80, 0.90, 0.70, 0.55, 0.65]), 0.5),  # suppressed A: C kept
+             (torch.cat((square, half)), torch.tensor([0.9, 0.8]), 0.5),  # IoU = t: both kept
+             (torch.cat((square, square + 1, half + 40)), torch.tensor([0.7, 0.7, 0.7]), 0.5)]
     cases += [(random_boxes(12, 60, g), torch.rand(12, generator=g), t)
               for t in (0.3, 0.5, 0.7) for _ in range(3)]
     return check_exercise(yours, nms, cases, compare=_equal)
@@ -3293,8 +3365,9 @@ def _level_of(boxes: Tensor) -> Tensor:
 def check_level_mapper(yours) -> bool:
     """Exercise: ``yours(boxes [K, 4]) -> [K]`` pyramid level 2..5 of each box (FPN's rule),
     against :meth:`ROIAlign.level_of`."""
-    sides = torch.tensor([8.0, 56, 111, 112, 113, 224, 447, 448, 1000])
-    edge = torch.stack((torch.zeros(9), torch.zeros(9), sides, sides), 1)
+    sides = torch.tensor([8.0, 56, 111, 112, 113, 224, 447, 448, 1000,
+                          111.99997, 223.99994, 447.99988])  # 112, 224, 448 up to float32 error
+    edge = torch.stack((torch.zeros(12), torch.zeros(12), sides, sides), 1)
     g = torch.Generator().manual_seed(3)
     return check_exercise(yours, _level_of, [(edge,), (random_boxes(20, 800, g),)],
                           compare=_equal, name="ROIAlign.level_of")
@@ -3311,8 +3384,10 @@ def check_average_precision(yours) -> bool:
     COCO's 101-point rule, against :func:`match_detections` + :func:`average_precision`."""
     g = torch.Generator().manual_seed(4)
     gt = torch.tensor([[0.0, 0, 10, 10], [20, 20, 40, 40]])
+    pair = torch.tensor([[0.0, 0, 10, 10], [0, 1, 10, 10]])  # two objects, IoU 0.9
     cases = [(gt.clone(), torch.tensor([0.9, 0.8]), gt, 0.5),
-             (torch.cat((gt, gt[:1] + 0.5)), torch.tensor([0.9, 0.8, 0.95]), gt, 0.5)]
+             (torch.cat((gt, gt[:1] + 0.5)), torch.tensor([0.9, 0.8, 0.95]), gt, 0.5),
+             (pair[:1].repeat(2, 1), torch.tensor([0.9, 0.8]), pair, 0.5)]  # 2nd takes the free one
     for t in (0.5, 0.75):
         truth = random_boxes(4, 80, g)
         guesses = torch.cat((truth + torch.randn(4, 4, generator=g) * 2, random_boxes(4, 80, g)))

@@ -41,6 +41,32 @@ def nms_by_score(boxes, scores, threshold):
     return torch.tensor(keep, dtype=torch.int64)
 
 
+def nms_suppressed_boxes_still_suppress(boxes, scores, threshold):
+    """The bug notebook 03 warns about: every box visited before, kept or not, can suppress."""
+    order = torch.sort(scores, descending=True, stable=True).indices.tolist()
+    iou = fc.box_iou(boxes, boxes)
+    return torch.tensor([j for n, j in enumerate(order)
+                         if all(iou[i, j] <= threshold for i in order[:n])], dtype=torch.int64)
+
+
+def nms_at_or_above(boxes, scores, threshold):
+    """Suppresses at IoU >= threshold instead of strictly above it."""
+    keep = []
+    for i in torch.sort(scores, descending=True, stable=True).indices.tolist():
+        if all(fc.box_iou(boxes[i:i + 1], boxes[j:j + 1]).item() < threshold for j in keep):
+            keep.append(i)
+    return torch.tensor(keep, dtype=torch.int64)
+
+
+def nms_ties_reversed(boxes, scores, threshold):
+    """Sorts ascending and reverses: equal scores are visited last index first (not stable)."""
+    keep = []
+    for i in torch.sort(scores, stable=True).indices.flip(0).tolist():
+        if all(fc.box_iou(boxes[i:i + 1], boxes[j:j + 1]).item() <= threshold for j in keep):
+            keep.append(i)
+    return torch.tensor(keep, dtype=torch.int64)
+
+
 def encode_without_weights(reference, gt, weights):
     return fc.encode_boxes(reference, gt)  # ignores the (10, 10, 5, 5) normalisation
 
@@ -55,6 +81,31 @@ def level_rounded(boxes):
     return torch.round(4 + torch.log2(size / 224)).clamp(2, 5).long()
 
 
+def level_without_epsilon(boxes):
+    """FPN's rule without the 1e-6: a box of 112 px up to float32 error falls one level low."""
+    size = fc.box_area(boxes).sqrt()
+    return torch.floor(4 + torch.log2(size / 224)).clamp(2, 5).long()
+
+
+def ap_best_or_false_positive(boxes, scores, gt_boxes, iou_threshold):
+    """Each detection looks only at its best-overlapping object; if that one is taken, a false
+    positive, even when another free object overlaps it enough (COCO takes the free one)."""
+    iou = fc.box_iou(boxes, gt_boxes)
+    taken, hits = set(), torch.zeros(len(boxes), dtype=torch.bool)
+    for d in torch.sort(scores, descending=True, stable=True).indices.tolist():
+        best = int(iou[d].argmax())
+        if iou[d, best] >= iou_threshold and best not in taken:
+            taken.add(best)
+            hits[d] = True
+    return fc.average_precision(hits, scores, len(gt_boxes))
+
+
+def filter_strictly_above(result, score_threshold):
+    """Keeps scores > threshold: drops the detections scoring exactly the threshold."""
+    keep = result["scores"] > score_threshold
+    return {key: value[keep] for key, value in result.items()}
+
+
 def ap_counting_duplicates(boxes, scores, gt_boxes, iou_threshold):
     """AP where every detection overlapping some object counts as correct, duplicates too."""
     hits = (fc.box_iou(boxes, gt_boxes).max(1).values >= iou_threshold) if len(gt_boxes) else \
@@ -65,12 +116,19 @@ def ap_counting_duplicates(boxes, scores, gt_boxes, iou_threshold):
 @pytest.mark.parametrize("checker, right, wrong", [
     (fc.check_box_iou, fc.box_iou, iou_with_plus_one),
     (fc.check_nms, nms_by_score, nms_in_index_order),
+    (fc.check_nms, nms_by_score, nms_suppressed_boxes_still_suppress),
+    (fc.check_nms, nms_by_score, nms_at_or_above),
+    (fc.check_nms, nms_by_score, nms_ties_reversed),
     (fc.check_encode_boxes, fc.encode_boxes, encode_without_weights),
     (fc.check_anchor_grid, fc._anchor_grid, anchors_with_half_stride_offset),
     (fc.check_level_mapper, lambda b: fc.ROIAlign().level_of(b, 2, 5) + 2, level_rounded),
+    (fc.check_level_mapper, lambda b: fc.ROIAlign().level_of(b, 2, 5) + 2, level_without_epsilon),
     (fc.check_average_precision, fc._ap_at, ap_counting_duplicates),
-], ids=["iou+1", "nms-unsorted", "encode-no-weights", "anchors-offset", "level-rounded",
-        "ap-duplicates"])
+    (fc.check_average_precision, fc._ap_at, ap_best_or_false_positive),
+    (fc.check_score_filter, fc.keep_scoring, filter_strictly_above),
+], ids=["iou+1", "nms-unsorted", "nms-suppressed-suppress", "nms->=", "nms-ties-reversed",
+        "encode-no-weights", "anchors-offset", "level-rounded", "level-no-epsilon",
+        "ap-duplicates", "ap-best-or-fp", "filter->"])
 def test_each_checker_accepts_the_right_answer_and_rejects_a_typical_wrong_one(
         checker, right, wrong, capsys):
     assert checker(right) is True
@@ -154,3 +212,28 @@ def test_notebook_06_alone_saves_its_detector_under_its_own_name(tmp_path, monke
     again = fc.shapes_detector("checkpoints/shapes_tiny.pt")  # loads the fallback, no training
     for a, b in zip(model.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
+
+
+# ─── detection figures ───────────────────────────────────────────────────────────────────────
+
+
+def test_draw_boxes_puts_the_highest_score_on_top_with_labels_inside_and_apart():
+    import matplotlib.pyplot as plt
+
+    image = torch.zeros(3, 64, 64)
+    boxes = torch.tensor([[0.0, 0, 30, 30], [1, 1, 31, 31], [2, 0, 32, 30], [40, 50, 64, 64]])
+    scores = torch.tensor([0.5, 0.9, 0.7, 0.6])
+    ax = fc.draw_boxes(image, boxes, torch.tensor([1, 2, 3, 1]), scores,
+                       class_names=fc.SHAPE_NAMES)
+    drawn = [float(text.get_text().split()[-1]) for text in ax.texts]
+    assert drawn == pytest.approx(sorted(scores.tolist()), abs=1e-6)  # the last is drawn on top
+    ax.figure.canvas.draw()
+    inside = ax.get_window_extent()
+    extents = [text.get_window_extent() for text in ax.texts]
+    for box in extents:
+        assert inside.x0 - 1 <= box.x0 and box.x1 <= inside.x1 + 1
+        assert inside.y0 - 1 <= box.y0 and box.y1 <= inside.y1 + 1
+    for k, a in enumerate(extents):  # the three crowded labels do not cover one another
+        assert not any(a.overlaps(b) for b in extents[k + 1:])
+    assert ax.texts[-1].get_position()[1] == pytest.approx(0.0)  # the best label keeps the top
+    plt.close("all")
