@@ -264,7 +264,8 @@ from frcnn_ops import (  # noqa: E402, F401  (here, in the section they belong t
 
 # Reading COCO's files, from the hub or from disk, lives in ``frcnn_sources.py``: it opens every
 # kind of source into rows and a function that turns a row into a record (image, boxes, labels).
-from frcnn_sources import HUB_COCO, check_hub, open_source, unreachable_reason  # noqa: E402, F401
+from frcnn_sources import (HUB_COCO, _open_image, check_hub, open_source,  # noqa: E402, F401
+                           read_coco_file, unreachable_reason)
 
 SHAPE_NAMES = ["__background__", "circle", "square", "triangle"]
 """Class names of ``SyntheticShapesDataset``: index 0 is the background, as in ``COCO_NAMES``."""
@@ -624,6 +625,63 @@ class SyntheticShapesDataset(Dataset):
         return (torch.from_numpy(pixels).permute(2, 0, 1).contiguous(),
                 torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
                 torch.tensor(labels, dtype=torch.int64))
+
+
+# Your own data ─────────────────────────────────────────────────────────────────────────────────
+
+
+class _RecordDataset(Dataset):
+    """A map-style dataset over records (see ``frcnn_sources``): image path, ``image_id``, boxes
+    x1, y1, x2, y2 in the image's pixels, labels, area, iscrowd. ``skip_empty`` leaves out the
+    images without a non-crowd box once, here, since a map-style dataset cannot skip an index."""
+
+    def __init__(self, class_names: List[str], records: List[dict], *,
+                 resize: Optional[str], min_size: int, max_size: Optional[int],
+                 train: bool, flip_prob: Optional[float], skip_empty: Optional[bool]):
+        self.options = SampleOptions(resize, min_size, max_size, train, flip_prob, skip_empty)
+        if self.options.skip_empty:
+            records = [r for r in records if bool((np.asarray(r["iscrowd"]) == 0).any())]
+        self.options.skip_empty = False
+        self.class_names, self.records = class_names, records
+        self.num_classes = len(class_names)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        record = _open_image(self.records[index])
+        return self.options.sample(record["image"], record["boxes"],
+                                   record["labels"], record["image_id"], record["area"],
+                                   record["iscrowd"])
+
+
+class CocoFormatDataset(_RecordDataset):
+    """Samples of any COCO-format annotation file (what labelling tools export), map-style.
+
+    ``class_names`` is ``["__background__", *the file's category names in id order]`` and
+    ``num_classes`` its length (background included): pass it to the detector. Category ids need
+    not be contiguous; labels are positions in ``class_names``. Boxes ``[x, y, w, h]`` become
+    ``x1, y1, x2, y2``; boxes of zero width or height are dropped (counted in ``dropped_boxes``,
+    with a warning), never trained on. ``iscrowd`` is kept: crowd regions are dropped in training
+    mode and ignored by :func:`evaluate`. Images without annotations are kept unless
+    ``skip_empty``. Samples are those of :class:`COCOStreamDataset`, with its options ``resize``,
+    ``min_size``, ``max_size``, ``train`` (default False), ``flip_prob``, ``skip_empty``.
+
+    Args:
+        image_dir: the folder that the file's ``file_name`` entries are relative to.
+        annotation_file: the COCO-format ``.json``, read with pycocotools' ``COCO``.
+    """
+
+    def __init__(self, image_dir: str, annotation_file: str, *, resize: Optional[str] = "shorter",
+                 min_size: int = IMG_SIZE, max_size: Optional[int] = None, train: bool = False,
+                 flip_prob: Optional[float] = None, skip_empty: Optional[bool] = None):
+        class_names, records, self.dropped_boxes = read_coco_file(image_dir, annotation_file)
+        if self.dropped_boxes:
+            warnings.warn(f"{annotation_file}: {self.dropped_boxes} boxes of zero width or height "
+                          "dropped", stacklevel=2)
+        super().__init__(class_names, records, resize=resize, min_size=min_size,
+                         max_size=max_size, train=train, flip_prob=flip_prob,
+                         skip_empty=skip_empty)
 
 
 # Batching ──────────────────────────────────────────────────────────────────────────────────────

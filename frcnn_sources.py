@@ -282,3 +282,95 @@ class _HubRecords:
                 "boxes": torch.as_tensor(np.asarray(objects["bbox"], dtype=np.float32)),
                 "labels": [self.label_of[c] for c in categories], "area": objects.get("area"),
                 "iscrowd": None}
+
+
+# Your own data: COCO-format and Pascal VOC folders ─────────────────────────────────────────────
+
+
+def _bad_file(path: str, what: str, fix: str) -> ValueError:
+    return ValueError(f"{path}: {what}. {fix}")
+
+
+def _load_coco_json(path: str):
+    """The pycocotools ``COCO`` index of the annotation file ``path``, after checking that the
+    file holds COCO's format (a dict with lists ``images``, ``annotations``, ``categories``)."""
+    import contextlib
+
+    from pycocotools.coco import COCO
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"annotation file {path} does not exist: pass the path of the "
+                                "COCO-format .json your labelling tool exported")
+    if os.path.getsize(path) == 0:
+        raise _bad_file(path, "the file is empty", "Export the annotations again (COCO format)")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise _bad_file(path, f"not valid JSON ({err})", "Export it again in COCO format") from None
+    missing = [k for k in ("images", "annotations", "categories")
+               if not isinstance(data, dict) or not isinstance(data.get(k), list)]
+    if missing:
+        raise _bad_file(path, f"not in COCO's format: no list {missing} at the top level",
+                        "A COCO detection file is {\"images\": [...], \"annotations\": [...], "
+                        "\"categories\": [...]}; export it in that format")
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _image_size(record: dict, path: str) -> Tuple[int, int]:
+    """(width, height) of an image record, read from the file's header when the record has none."""
+    if "width" in record and "height" in record:
+        return int(record["width"]), int(record["height"])
+    with Image.open(path) as image:
+        return image.size
+
+
+def read_coco_file(image_dir: str, annotation_file: str) -> Tuple[List[str], List[dict], int]:
+    """``(class_names, records, dropped)`` of a COCO-format annotation file over ``image_dir``.
+
+    ``class_names`` is ``["__background__", *category names in id order]``; a category's label is
+    its position there, so sparse ids (1, 5, 17) become labels 1, 2, 3. One record per image (in
+    the file's order, images without annotations included), as :func:`open_source`'s records:
+    the image's path, ``boxes`` [G, 4] x1, y1, x2, y2 (from COCO's ``[x, y, w, h]``), ``labels``,
+    ``area``, ``iscrowd``. ``dropped`` counts boxes of zero or negative width or height, left out.
+    Raises an error naming the file, the record and the fix for a missing image, an unknown
+    category id or a box outside its image (by more than 1 px).
+    """
+    coco = _load_coco_json(annotation_file)
+    categories = sorted(coco.dataset["categories"], key=lambda c: c["id"])
+    class_names = ["__background__", *(str(c["name"]) for c in categories)]
+    label_of = {c["id"]: i + 1 for i, c in enumerate(categories)}
+    records, dropped = [], 0
+    for image in coco.dataset["images"]:
+        path = os.path.join(image_dir, image["file_name"])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{annotation_file}: image {image['id']} is file_name "
+                                    f"{image['file_name']!r}, but {path} does not exist. Pass the "
+                                    "folder holding the images as image_dir, or fix file_name")
+        width, height = _image_size(image, path)
+        rows = []
+        for ann in coco.imgToAnns.get(image["id"], []):
+            if ann["category_id"] not in label_of:
+                raise _bad_file(annotation_file, f"annotation {ann.get('id')} has category_id "
+                                f"{ann['category_id']}, not among the categories (ids "
+                                f"{sorted(label_of)})", "Add that category or fix the id")
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            if w <= 0 or h <= 0:
+                dropped += 1
+                continue
+            if x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1:
+                raise _bad_file(annotation_file, f"annotation {ann.get('id')} has bbox "
+                                f"{ann['bbox']} ([x, y, w, h]) outside its image {image['id']} "
+                                f"({width} x {height} px)", "Boxes are [x, y, width, height] in "
+                                "pixels: fix the box, or the image's width and height")
+            rows.append((x, y, x + w, y + h, label_of[ann["category_id"]],
+                         float(ann.get("area", w * h)), int(ann.get("iscrowd", 0))))
+        table = np.array(rows, dtype=np.float64).reshape(-1, 7)
+        records.append({"image": path, "image_id": image["id"], "boxes": table[:, :4],
+                        "labels": table[:, 4].astype(np.int64), "area": table[:, 5],
+                        "iscrowd": table[:, 6].astype(np.int64)})
+    return class_names, records, dropped
