@@ -1595,8 +1595,9 @@ class FasterRCNN(nn.Module):
     # -- torchvision's weights ------------------------------------------------------------------
 
     @classmethod
-    def from_torchvision(cls, state_dict="COCO_V1", *, norm_eps: float = 0.0,
-                         map_coco_classes: bool = True, **kwargs) -> "FasterRCNN":
+    def from_torchvision(cls, state_dict="COCO_V1", *, num_classes: Optional[int] = None,
+                         norm_eps: float = 0.0, map_coco_classes: bool = True,
+                         **kwargs) -> "FasterRCNN":
         """ResNet-50 + FPN Faster R-CNN holding torchvision's ``fasterrcnn_resnet50_fpn`` weights.
 
         ``state_dict`` is a state dict of that model (old or new key names), the path of one, or a
@@ -1606,17 +1607,26 @@ class FasterRCNN(nn.Module):
         unused "N/A" outputs, whose share of the softmax is negligible in the trained model.
         ``norm_eps`` is 0.0 for the published COCO weights; use 1e-5 for a model built by
         torchvision without them.
+
+        ``num_classes=K`` (background included) fine-tunes: every weight but the predictor's is
+        loaded with :func:`transfer_weights`, the predictor is new for ``K`` classes (initialised
+        as torchvision's), and the names left at their initial values are printed and kept in
+        ``model.new_weights``.
         """
         from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
 
         state = load_weights(state_dict, FasterRCNN_ResNet50_FPN_Weights, "from_torchvision",
                              "state_dict", random_ok=False)
         state = torchvision_to_course_state_dict(state, map_coco_classes)
-        num_classes = state["roi_heads.predictor.cls_score.weight"].shape[0]
+        head_classes = state["roi_heads.predictor.cls_score.weight"].shape[0]
         body = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         kwargs = {"frozen_bn": True, "trainable_layers": 3, **kwargs}  # pretrained, like torchvision
-        model = fasterrcnn_resnet50_fpn(num_classes, weights_backbone=body, norm_eps=norm_eps, **kwargs)
-        model.load_state_dict(state)
+        model = fasterrcnn_resnet50_fpn(num_classes or head_classes, weights_backbone=body,
+                                        norm_eps=norm_eps, **kwargs)
+        model.new_weights = transfer_weights(model, state)
+        if model.new_weights:
+            _say(f"from_torchvision: {len(model.new_weights)} weights left at their initial "
+                 f"values for num_classes={model.num_classes}: {model.new_weights}")
         return model
 
 
@@ -2226,8 +2236,8 @@ def _check_compatible(path: str, model: nn.Module, checkpoint: dict, weights: di
             f"Checkpoint {path} was trained with num_classes={ckpt_classes} (background "
             f"included) but this model has num_classes={model_classes}. To continue that run, "
             f"build the model with num_classes={ckpt_classes}. To fine-tune on your own classes, "
-            "load only the matching weights: model.load_state_dict({k: v for k, v in "
-            "checkpoint['model'].items() if 'predictor' not in k}, strict=False)."
+            f"start a fresh run from its weights: transfer_weights(model, {path!r}) loads every "
+            "weight that fits and leaves the new predictor as it is."
         )
     own = model.state_dict()
     wrong = [
@@ -2239,8 +2249,43 @@ def _check_compatible(path: str, model: nn.Module, checkpoint: dict, weights: di
         raise ValueError(
             f"Checkpoint {path} does not fit this model; {len(wrong)} tensors differ in shape, "
             f"e.g. {'; '.join(wrong[:3])}. Build the model with the settings the checkpoint was "
-            "trained with (num_classes, hidden_dim, feat_channels, anchors, ...)."
+            "trained with (num_classes, hidden_dim, feat_channels, anchors, ...), or, to "
+            f"fine-tune from it, call transfer_weights(model, {path!r}), which loads only the "
+            "weights that fit."
         )
+
+
+def transfer_weights(model: nn.Module, source) -> List[str]:
+    """Load into ``model`` every weight of ``source`` whose name and shape match; return the names
+    of the model's weights left at their initial values (sorted).
+
+    ``source`` is a checkpoint path (of :func:`save_checkpoint` or a saved state dict), a state
+    dict, or a model. This is how a detector trained on one set of classes starts training on
+    another: build the model with the new ``num_classes`` and transfer; the predictor (its
+    shapes depend on ``num_classes``) stays new, everything else is loaded. Raises a
+    ``ValueError`` when no weight matches (a different architecture, or torchvision's names: use
+    :meth:`FasterRCNN.from_torchvision`).
+    """
+    what = source if isinstance(source, (str, os.PathLike)) else type(source).__name__
+    if isinstance(source, nn.Module):
+        source = unwrap_model(source).state_dict()
+    elif isinstance(source, (str, os.PathLike)):
+        source = _read_checkpoint(os.fspath(source), "cpu")
+    if isinstance(source, dict) and isinstance(source.get("model"), dict):
+        source = source["model"]  # a training checkpoint
+    if not isinstance(source, dict):
+        raise TypeError(f"transfer_weights needs a checkpoint path, a state dict or a model, "
+                        f"got {what}")
+    net = unwrap_model(model)
+    own = net.state_dict()
+    matching = {k: v for k, v in source.items()
+                if k in own and isinstance(v, Tensor) and v.shape == own[k].shape}
+    if not matching:
+        raise ValueError(f"no weight of {what} matches this model by name and shape (e.g. "
+                         f"{list(source)[:3]}): it is another architecture. For torchvision's "
+                         "weights use FasterRCNN.from_torchvision(..., num_classes=K)")
+    net.load_state_dict(matching, strict=False)
+    return sorted(k for k in own if k not in matching)
 
 
 def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
