@@ -2926,8 +2926,23 @@ def average_precision(hits: Tensor, scores: Tensor, num_gt: int) -> float:
     return float(padded[index].mean())
 
 
+def _per_class_ap(evaluator: COCOeval, class_names: Sequence[str]) -> Dict[str, float]:
+    """``AP/<name>`` and ``AP50/<name>`` of each category of an accumulated ``COCOeval``, read
+    from its precision array [IoU thresholds, recall levels, categories, areas, max detections]
+    at area "all" and 100 detections; -1.0 where pycocotools has no value."""
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]
+    out = {}
+    for k, label in enumerate(evaluator.params.catIds):
+        name = class_names[label] if 0 <= label < len(class_names) else str(label)
+        for key, values in (("AP", precision[:, :, k]), ("AP50", precision[0, :, k])):
+            valid = values[values > -1]
+            out[f"{key}/{name}"] = float(valid.mean()) if valid.size else -1.0
+    return out
+
+
 def coco_map(predictions: List[Dict[str, Tensor]], targets: List[Dict[str, Tensor]],
-             verbose: bool = False) -> Dict[str, float]:
+             verbose: bool = False, class_names: Optional[Sequence[str]] = None
+             ) -> Dict[str, float]:
     """COCO box metrics of detections against ground truth, computed by pycocotools.
 
     Args:
@@ -2938,12 +2953,16 @@ def coco_map(predictions: List[Dict[str, Tensor]], targets: List[Dict[str, Tenso
             it decides the small/medium/large split) and ``iscrowd`` [G] (crowd regions are
             ignored rather than counted as misses).
         verbose: print pycocotools' own log and summary table.
+        class_names: names of the labels (index 0 the background, e.g. a dataset's
+            ``class_names``); when given, the result also holds per-class AP.
 
     Returns:
         ``{name: value}`` for the names in ``COCO_METRICS`` (``AP``, ``AP50``, ``AP75``, ``APs``,
         ``APm``, ``APl``, ``AR1``, ...), each in [0, 1], exactly pycocotools' numbers. As in
         pycocotools, a metric with no ground truth to measure (e.g. ``APs`` without small
-        objects) is -1.0; so is every metric when there is no ground truth at all.
+        objects) is -1.0; so is every metric when there is no ground truth at all. With
+        ``class_names``, then ``AP/<name>`` and ``AP50/<name>`` of each class in the ground
+        truth, from pycocotools' precision array (all areas, 100 detections).
 
     Images are numbered by position (the dicts' ``image_id`` is not needed), the categories are
     the labels present in the ground truth, and detections become a result set through
@@ -2986,11 +3005,15 @@ def coco_map(predictions: List[Dict[str, Tensor]], targets: List[Dict[str, Tenso
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {name: float(value) for name, value in zip(COCO_METRICS, evaluator.stats)}
+    metrics = {name: float(value) for name, value in zip(COCO_METRICS, evaluator.stats)}
+    if class_names is not None:
+        metrics.update(_per_class_ap(evaluator, class_names))
+    return metrics
 
 
 def evaluate(model: nn.Module, loader, *, verbose: bool = False, progress: bool = True,
-             max_batches: Optional[int] = None) -> Dict[str, float]:
+             max_batches: Optional[int] = None, class_names: Optional[Sequence[str]] = None
+             ) -> Dict[str, float]:
     """COCO box metrics of ``model`` over the images of ``loader``, in original image pixels.
 
     Runs the detector in eval mode under ``torch.no_grad()`` (``model(images)`` returns
@@ -3009,10 +3032,15 @@ def evaluate(model: nn.Module, loader, *, verbose: bool = False, progress: bool 
         verbose: print pycocotools' summary table.
         progress: show a tqdm progress bar.
         max_batches: stop after this many batches (``None``: the whole loader).
+        class_names: the names of the labels for per-class AP; default the loader's dataset's
+            ``class_names`` when it has them.
 
     Returns:
-        The dict of :func:`coco_map`.
+        The dict of :func:`coco_map`, with ``AP/<name>`` and ``AP50/<name>`` per class when the
+        names are known.
     """
+    if class_names is None:
+        class_names = getattr(getattr(loader, "dataset", None), "class_names", None)
     device = next(model.parameters()).device
     was_training = model.training
     predictions, ground_truth = [], []
@@ -3039,7 +3067,7 @@ def evaluate(model: nn.Module, loader, *, verbose: bool = False, progress: bool 
                     ground_truth.append(truth)
     finally:
         model.train(was_training)
-    return coco_map(predictions, ground_truth, verbose=verbose)
+    return coco_map(predictions, ground_truth, verbose=verbose, class_names=class_names)
 
 
 # Drawing ───────────────────────────────────────────────────────────────────────────────────────
