@@ -265,7 +265,7 @@ from frcnn_ops import (  # noqa: E402, F401  (here, in the section they belong t
 # Reading COCO's files, from the hub or from disk, lives in ``frcnn_sources.py``: it opens every
 # kind of source into rows and a function that turns a row into a record (image, boxes, labels).
 from frcnn_sources import (HUB_COCO, _open_image, check_hub, open_source,  # noqa: E402, F401
-                           read_coco_file, unreachable_reason)
+                           read_coco_file, read_voc_folder, unreachable_reason)
 
 SHAPE_NAMES = ["__background__", "circle", "square", "triangle"]
 """Class names of ``SyntheticShapesDataset``: index 0 is the background, as in ``COCO_NAMES``."""
@@ -679,6 +679,30 @@ class CocoFormatDataset(_RecordDataset):
         if self.dropped_boxes:
             warnings.warn(f"{annotation_file}: {self.dropped_boxes} boxes of zero width or height "
                           "dropped", stacklevel=2)
+        super().__init__(class_names, records, resize=resize, min_size=min_size,
+                         max_size=max_size, train=train, flip_prob=flip_prob,
+                         skip_empty=skip_empty)
+
+
+class VOCFormatDataset(_RecordDataset):
+    """Samples of a Pascal VOC folder (what labelling tools write), map-style.
+
+    The folder holds ``Annotations/*.xml``, ``JPEGImages/`` and, when present,
+    ``ImageSets/Main/{split}.txt`` (one image id a line); without split files every annotation is
+    read. ``class_names`` default: ``["__background__", *the object names found, sorted]``;
+    ``num_classes`` counts the background. VOC's ``difficult`` objects become crowd-like
+    (``iscrowd = 1``): dropped in training mode, ignored by :func:`evaluate`. Corners
+    ``xmin..xmax`` (1-based, inclusive) become ``x1 = xmin - 1, x2 = xmax`` (pixel edges). Samples
+    and options (``resize``, ``min_size``, ``max_size``, ``train``, ``flip_prob``,
+    ``skip_empty``) are those of :class:`CocoFormatDataset`.
+    """
+
+    def __init__(self, root: str, split: str = "train",
+                 class_names: Optional[Sequence[str]] = None, *,
+                 resize: Optional[str] = "shorter", min_size: int = IMG_SIZE,
+                 max_size: Optional[int] = None, train: bool = False,
+                 flip_prob: Optional[float] = None, skip_empty: Optional[bool] = None):
+        class_names, records = read_voc_folder(root, split, class_names)
         super().__init__(class_names, records, resize=resize, min_size=min_size,
                          max_size=max_size, train=train, flip_prob=flip_prob,
                          skip_empty=skip_empty)

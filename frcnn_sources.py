@@ -374,3 +374,93 @@ def read_coco_file(image_dir: str, annotation_file: str) -> Tuple[List[str], Lis
                         "labels": table[:, 4].astype(np.int64), "area": table[:, 5],
                         "iscrowd": table[:, 6].astype(np.int64)})
     return class_names, records, dropped
+
+
+def _voc_ids(root: str, split: str) -> List[str]:
+    """The image ids of ``split``: ``ImageSets/Main/{split}.txt`` when the folder has split files,
+    else every ``Annotations/*.xml``."""
+    split_dir = os.path.join(root, "ImageSets", "Main")
+    split_file = os.path.join(split_dir, f"{split}.txt")
+    if os.path.isfile(split_file):
+        with open(split_file) as f:
+            return [line.split()[0] for line in f if line.strip()]
+    found = sorted(glob.glob(os.path.join(split_dir, "*.txt")))
+    if found:
+        raise FileNotFoundError(f"{split_file} does not exist: split {split!r} is not in this VOC "
+                                f"folder (split files: {[os.path.basename(p) for p in found]})")
+    xmls = sorted(glob.glob(os.path.join(root, "Annotations", "*.xml")))
+    if not xmls:
+        raise FileNotFoundError(f"no Annotations/*.xml in {root}: a Pascal VOC folder holds "
+                                "Annotations/ (one .xml per image) and JPEGImages/")
+    return [os.path.splitext(os.path.basename(p))[0] for p in xmls]
+
+
+def _read_voc_xml(root: str, image_id: str) -> dict:
+    """One ``Annotations/{image_id}.xml``: image path, size, and its objects as
+    ``(name, [x1, y1, x2, y2], difficult)``. VOC's 1-based inclusive pixel corners become edges:
+    ``x1 = xmin - 1``, ``x2 = xmax``."""
+    import xml.etree.ElementTree as ET
+
+    path = os.path.join(root, "Annotations", f"{image_id}.xml")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist, but the split lists {image_id!r}: "
+                                "add the annotation or remove the id from the split file")
+    try:
+        tree = ET.parse(path).getroot()
+    except ET.ParseError as err:
+        raise _bad_file(path, f"not valid XML ({err})", "Export the annotation again") from None
+    name = tree.findtext("filename") or f"{image_id}.jpg"
+    image = os.path.join(root, "JPEGImages", name)
+    if not os.path.isfile(image):
+        raise FileNotFoundError(f"{path}: its image {image} does not exist. Put the image in "
+                                "JPEGImages/ or fix <filename>")
+    size = tree.find("size")
+    if size is not None and size.findtext("width"):
+        width, height = int(size.findtext("width")), int(size.findtext("height"))
+    else:
+        width, height = _image_size({}, image)
+    objects = []
+    for number, obj in enumerate(tree.findall("object")):
+        box = obj.find("bndbox")
+        if box is None or obj.findtext("name") is None:
+            raise _bad_file(path, f"object {number} has no <name> or <bndbox>",
+                            "Every <object> needs both")
+        x1, y1, x2, y2 = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+        if x1 < 0 or y1 < 0 or x2 > width + 1 or y2 > height + 1:
+            raise _bad_file(path, f"object {number} ({obj.findtext('name')}) has bndbox "
+                            f"{[x1, y1, x2, y2]} outside its {width} x {height} px image",
+                            "Fix the box or the <size>")
+        difficult = int(float(obj.findtext("difficult") or 0))
+        objects.append((obj.findtext("name").strip(), [x1 - 1, y1 - 1, x2, y2], difficult))
+    return {"image": image, "objects": objects}
+
+
+def read_voc_folder(root: str, split: str = "train", class_names: Optional[Sequence[str]] = None
+                    ) -> Tuple[List[str], List[dict]]:
+    """``(class_names, records)`` of a Pascal VOC folder's ``split``.
+
+    ``class_names`` default: ``["__background__", *the object names found, sorted]``. Records are
+    those of :func:`read_coco_file`, numbered 0.. in the split's order; ``difficult`` objects get
+    ``iscrowd = 1`` (dropped in training, ignored in scoring, as VOC's own evaluation does).
+    Degenerate boxes are left to the sample (which drops them).
+    """
+    ids = _voc_ids(root, split)
+    parsed = [_read_voc_xml(root, i) for i in ids]
+    if class_names is None:
+        class_names = ["__background__",
+                       *sorted({name for p in parsed for name, _, _ in p["objects"]})]
+    class_names = list(class_names)
+    records = []
+    for number, (image_id, p) in enumerate(zip(ids, parsed)):
+        for name, _, _ in p["objects"]:
+            if name not in class_names[1:]:
+                raise ValueError(f"{os.path.join(root, 'Annotations', image_id + '.xml')}: "
+                                 f"object name {name!r} is not among class_names "
+                                 f"{class_names[1:]}: add it, or leave class_names=None")
+        boxes = np.array([b for _, b, _ in p["objects"]], dtype=np.float64).reshape(-1, 4)
+        records.append({"image": p["image"], "image_id": number, "boxes": boxes,
+                        "labels": np.array([class_names.index(n) for n, _, _ in p["objects"]],
+                                           dtype=np.int64),
+                        "area": None,
+                        "iscrowd": np.array([d for _, _, d in p["objects"]], dtype=np.int64)})
+    return class_names, records
