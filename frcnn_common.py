@@ -708,6 +708,24 @@ class VOCFormatDataset(_RecordDataset):
                          skip_empty=skip_empty)
 
 
+def folder_dataset(folder: str, split: str = "train", **options) -> Dataset:
+    """The dataset of your own folder: :class:`VOCFormatDataset` when it has ``Annotations/``,
+    else :class:`CocoFormatDataset` over ``{split}.json``, ``annotations.json`` or the folder's one
+    ``.json``, with the images in ``images/`` (or the folder itself). ``options`` are the
+    datasets' sample options (``train``, ``resize``, ``min_size``, ...)."""
+    if os.path.isdir(os.path.join(folder, "Annotations")):
+        return VOCFormatDataset(folder, split, **options)
+    files = [os.path.join(folder, f"{split}.json"), os.path.join(folder, "annotations.json")]
+    found = [f for f in files if os.path.isfile(f)] or sorted(glob.glob(os.path.join(folder, "*.json")))
+    if len(found) != 1 and not any(os.path.isfile(f) for f in files):
+        raise FileNotFoundError(
+            f"{folder} is neither a Pascal VOC folder (Annotations/, JPEGImages/) nor a COCO-format "
+            f"folder with one annotation file ({split}.json or annotations.json; .json files "
+            f"found: {found}): name the annotation file {split}.json")
+    images = os.path.join(folder, "images")
+    return CocoFormatDataset(images if os.path.isdir(images) else folder, found[0], **options)
+
+
 # Batching ──────────────────────────────────────────────────────────────────────────────────────
 
 
