@@ -9,7 +9,9 @@ things: the *rows* (a list, or a ``datasets`` object) and a function that turns 
      "boxes": [G, 4] x1, y1, x2, y2 in the image's pixels, "labels": [G] 1..80,
      "area": [G] or None, "iscrowd": [G] or None}
 
-From there on every source is treated alike: the dataset turns records into samples. This file
+From there on every source is treated alike: the dataset turns records into samples. Your own
+data gives the same records: :func:`read_coco_file` (any COCO-format file, read with pycocotools,
+which the official COCO layout uses too) and :func:`read_voc_folder` (Pascal VOC). This file
 also holds the network check that makes an unreachable hub (or weights download) fail within
 seconds rather than minutes. Nothing here is about the detector: it is file and network plumbing,
 kept beside the module as torchvision keeps its datasets apart from its models.
@@ -211,49 +213,22 @@ def _category_labels(features, class_names: Sequence[str]) -> List[int]:
 
 
 def _read_coco_layout(root: str, split: str, class_names: Sequence[str]) -> List[dict]:
-    """One record per image of ``root/annotations/instances_{split}2017.json``.
-
-    A record holds the image path, its id, and boxes [G, 4] converted from COCO's ``[x, y, w, h]``
-    to ``x1, y1, x2, y2``; the sparse category ids (1..90) become labels 1..80 by name.
-    """
+    """One record per image of ``root/annotations/instances_{split}2017.json``, images under
+    ``root/{split}2017/``: :func:`read_coco_file`'s records (boxes off an image's edge clipped
+    later, as COCO's own files have them), with the sparse category ids (1..90) mapped onto
+    labels 1..80 of ``class_names`` by name."""
     path = os.path.join(root, "annotations", f"instances_{split}2017.json")
     if not os.path.isfile(path):
         found = sorted(glob.glob(os.path.join(root, "annotations", "instances_*2017.json")))
         raise FileNotFoundError(f"{path} does not exist: split {split!r} is not in this COCO "
                                 f"directory (annotation files found: {found})")
-    with open(path) as f:
-        coco = json.load(f)
-    if not coco.get("images"):
-        raise ValueError(f"{path} lists no images: an instances file needs 'images', "
-                         "'annotations' and 'categories' (the official COCO format)")
-    label_of = {}
-    for category in coco.get("categories", []):
-        if category["name"] not in class_names[1:]:
-            raise ValueError(f"category {category} of {path} is not a COCO category (COCO_NAMES)")
-        label_of[category["id"]] = class_names.index(category["name"])
-    annotations = {image["id"]: [] for image in coco["images"]}
-    for ann in coco.get("annotations", []):
-        if ann["category_id"] not in label_of:
-            raise ValueError(f"annotation {ann.get('id')} of {path} has category_id "
-                             f"{ann['category_id']}, which is not among the file's categories "
-                             f"(ids {sorted(label_of)})")
-        if ann["image_id"] not in annotations:
-            raise ValueError(f"annotation {ann.get('id')} of {path} refers to image_id "
-                             f"{ann['image_id']}, which is not in the file's images")
-        annotations[ann["image_id"]].append(ann)
-    records = []
-    for image in coco["images"]:
-        anns = annotations[image["id"]]
-        xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
-        records.append({
-            "image": os.path.join(root, f"{split}2017", image["file_name"]),
-            "image_id": image["id"],
-            "boxes": np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1),
-            "labels": np.array([label_of[a["category_id"]] for a in anns], dtype=np.int64),
-            "area": np.array([a.get("area", a["bbox"][2] * a["bbox"][3]) for a in anns]),
-            "iscrowd": np.array([a.get("iscrowd", 0) for a in anns], dtype=np.int64),
-        })
-    return records
+    names, records, _ = read_coco_file(os.path.join(root, f"{split}2017"), path,
+                                       check_boxes=False)
+    unknown = [n for n in names[1:] if n not in class_names[1:]]
+    if unknown:
+        raise ValueError(f"categories {unknown} of {path} are not COCO categories (COCO_NAMES)")
+    to_label = np.array([0] + [list(class_names).index(n) for n in names[1:]], dtype=np.int64)
+    return [{**record, "labels": to_label[record["labels"]]} for record in records]
 
 
 def _open_image(record: dict) -> dict:
@@ -329,7 +304,8 @@ def _image_size(record: dict, path: str) -> Tuple[int, int]:
         return image.size
 
 
-def read_coco_file(image_dir: str, annotation_file: str) -> Tuple[List[str], List[dict], int]:
+def read_coco_file(image_dir: str, annotation_file: str, check_boxes: bool = True
+                   ) -> Tuple[List[str], List[dict], int]:
     """``(class_names, records, dropped)`` of a COCO-format annotation file over ``image_dir``.
 
     ``class_names`` is ``["__background__", *category names in id order]``; a category's label is
@@ -338,9 +314,17 @@ def read_coco_file(image_dir: str, annotation_file: str) -> Tuple[List[str], Lis
     the image's path, ``boxes`` [G, 4] x1, y1, x2, y2 (from COCO's ``[x, y, w, h]``), ``labels``,
     ``area``, ``iscrowd``. ``dropped`` counts boxes of zero or negative width or height, left out.
     Raises an error naming the file, the record and the fix for a missing image, an unknown
-    category id or a box outside its image (by more than 1 px).
+    category or image id, or (``check_boxes``) a box outside its image by more than 1 px.
     """
     coco = _load_coco_json(annotation_file)
+    if not coco.dataset["images"]:
+        raise _bad_file(annotation_file, "lists no images", "A COCO-format file needs 'images', "
+                        "'annotations' and 'categories'; export it with its images")
+    stray = [a for a in coco.dataset["annotations"] if a.get("image_id") not in coco.imgs]
+    if stray:
+        raise _bad_file(annotation_file, f"annotation {stray[0].get('id')} refers to image_id "
+                        f"{stray[0].get('image_id')}, which is not in the file's images",
+                        "Add the image or remove the annotation")
     categories = sorted(coco.dataset["categories"], key=lambda c: c["id"])
     class_names = ["__background__", *(str(c["name"]) for c in categories)]
     label_of = {c["id"]: i + 1 for i, c in enumerate(categories)}
@@ -351,18 +335,18 @@ def read_coco_file(image_dir: str, annotation_file: str) -> Tuple[List[str], Lis
             raise FileNotFoundError(f"{annotation_file}: image {image['id']} is file_name "
                                     f"{image['file_name']!r}, but {path} does not exist. Pass the "
                                     "folder holding the images as image_dir, or fix file_name")
-        width, height = _image_size(image, path)
+        width, height = _image_size(image, path) if check_boxes else (0, 0)
         rows = []
         for ann in coco.imgToAnns.get(image["id"], []):
             if ann["category_id"] not in label_of:
                 raise _bad_file(annotation_file, f"annotation {ann.get('id')} has category_id "
-                                f"{ann['category_id']}, not among the categories (ids "
+                                f"{ann['category_id']}, which is not among the file's categories (ids "
                                 f"{sorted(label_of)})", "Add that category or fix the id")
             x, y, w, h = (float(v) for v in ann["bbox"])
             if w <= 0 or h <= 0:
                 dropped += 1
                 continue
-            if x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1:
+            if check_boxes and (x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1):
                 raise _bad_file(annotation_file, f"annotation {ann.get('id')} has bbox "
                                 f"{ann['bbox']} ([x, y, w, h]) outside its image {image['id']} "
                                 f"({width} x {height} px)", "Boxes are [x, y, width, height] in "
