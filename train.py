@@ -124,7 +124,9 @@ def main(argv=None) -> None:
     if args.finetune is not None and os.path.exists(args.finetune):
         new = transfer_weights(model, args.finetune)
         if info.rank == 0:
-            print(f"{args.finetune}: loaded all weights but {new}", flush=True)
+            print(f"{args.finetune}: loaded all weights but {new}" if new else
+                  f"{args.finetune}: loaded every weight, the predictor's too (same num_classes: "
+                  "its rows now stand for this data's classes)", flush=True)
     model = wrap_distributed(model.to(info.device))
     loader = make_loader(dataset, args.batch_size, num_workers=args.workers, seed=args.seed,
                          drop_last=True)

@@ -125,3 +125,33 @@ def test_bad_coco_files_name_the_file_record_and_fix(own_coco_folder, tmp_path, 
     copy = _broken_copy(own_coco_folder, tmp_path, edit)
     with pytest.raises(error, match=message):
         fc.CocoFormatDataset(str(copy / "images"), str(copy / "train.json"))
+
+
+def test_train_py_finetunes_a_checkpoint_on_a_folder(own_voc_folder, tmp_path, capsys):
+    import train
+
+    shapes = str(tmp_path / "shapes.pt")
+    fc.save_checkpoint(shapes, fc.tiny_detector(6))  # 5 classes: the folder has 3
+    mine = str(tmp_path / "mine.pt")
+    train.main(["--data", str(own_voc_folder), "--image-size", "64", "--finetune", shapes,
+                "--steps-per-epoch", "1", "--batch-size", "2", "--no-amp", "--checkpoint", mine])
+    assert "loaded all weights but ['roi_heads.predictor." in capsys.readouterr().out
+    fc.load_checkpoint(mine, fc.tiny_detector(4))  # num_classes from the folder: 3 names + 1
+
+
+def _voc_copy(folder, tmp_path, old, new, image=None):
+    copy = tmp_path / "voc"
+    shutil.copytree(folder, copy)
+    xml = copy / "Annotations" / "img1.xml"
+    xml.write_text(xml.read_text().replace(old, new, 1))
+    if image:
+        (copy / "JPEGImages" / image).unlink()
+    return copy
+
+
+def test_bad_voc_files_name_the_file_object_and_fix(own_voc_folder, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"img1.xml: its image .*img1.png does not exist"):
+        fc.VOCFormatDataset(str(_voc_copy(own_voc_folder, tmp_path, "", "", "img1.png")))
+    shutil.rmtree(tmp_path / "voc")
+    with pytest.raises(ValueError, match=r"img1.xml: object 0 .* outside its 64 x 64 px image"):
+        fc.VOCFormatDataset(str(_voc_copy(own_voc_folder, tmp_path, "<xmax>", "<xmax>9")))
