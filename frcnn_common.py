@@ -264,7 +264,8 @@ from frcnn_ops import (  # noqa: E402, F401  (here, in the section they belong t
 
 # Reading COCO's files, from the hub or from disk, lives in ``frcnn_sources.py``: it opens every
 # kind of source into rows and a function that turns a row into a record (image, boxes, labels).
-from frcnn_sources import HUB_COCO, check_hub, open_source, unreachable_reason  # noqa: E402, F401
+from frcnn_sources import (HUB_COCO, _open_image, check_hub, open_source,  # noqa: E402, F401
+                           read_coco_file, read_voc_folder, unreachable_reason)
 
 SHAPE_NAMES = ["__background__", "circle", "square", "triangle"]
 """Class names of ``SyntheticShapesDataset``: index 0 is the background, as in ``COCO_NAMES``."""
@@ -624,6 +625,105 @@ class SyntheticShapesDataset(Dataset):
         return (torch.from_numpy(pixels).permute(2, 0, 1).contiguous(),
                 torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
                 torch.tensor(labels, dtype=torch.int64))
+
+
+# Your own data ─────────────────────────────────────────────────────────────────────────────────
+
+
+class _RecordDataset(Dataset):
+    """A map-style dataset over records (see ``frcnn_sources``): image path, ``image_id``, boxes
+    x1, y1, x2, y2 in the image's pixels, labels, area, iscrowd. ``skip_empty`` leaves out the
+    images without a non-crowd box once, here, since a map-style dataset cannot skip an index."""
+
+    def __init__(self, class_names: List[str], records: List[dict], *,
+                 resize: Optional[str], min_size: int, max_size: Optional[int],
+                 train: bool, flip_prob: Optional[float], skip_empty: Optional[bool]):
+        self.options = SampleOptions(resize, min_size, max_size, train, flip_prob, skip_empty)
+        if self.options.skip_empty:
+            records = [r for r in records if bool((np.asarray(r["iscrowd"]) == 0).any())]
+        self.options.skip_empty = False
+        self.class_names, self.records = class_names, records
+        self.num_classes = len(class_names)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        record = _open_image(self.records[index])
+        return self.options.sample(record["image"], record["boxes"],
+                                   record["labels"], record["image_id"], record["area"],
+                                   record["iscrowd"])
+
+
+class CocoFormatDataset(_RecordDataset):
+    """Samples of any COCO-format annotation file (what labelling tools export), map-style.
+
+    ``class_names`` is ``["__background__", *the file's category names in id order]`` and
+    ``num_classes`` its length (background included): pass it to the detector. Category ids need
+    not be contiguous; labels are positions in ``class_names``. Boxes ``[x, y, w, h]`` become
+    ``x1, y1, x2, y2``; boxes of zero width or height are dropped (counted in ``dropped_boxes``,
+    with a warning), never trained on. ``iscrowd`` is kept: crowd regions are dropped in training
+    mode and ignored by :func:`evaluate`. Images without annotations are kept unless
+    ``skip_empty``. Samples are those of :class:`COCOStreamDataset`, with its options ``resize``,
+    ``min_size``, ``max_size``, ``train`` (default False), ``flip_prob``, ``skip_empty``.
+
+    Args:
+        image_dir: the folder that the file's ``file_name`` entries are relative to.
+        annotation_file: the COCO-format ``.json``, read with pycocotools' ``COCO``.
+    """
+
+    def __init__(self, image_dir: str, annotation_file: str, *, resize: Optional[str] = "shorter",
+                 min_size: int = IMG_SIZE, max_size: Optional[int] = None, train: bool = False,
+                 flip_prob: Optional[float] = None, skip_empty: Optional[bool] = None):
+        class_names, records, self.dropped_boxes = read_coco_file(image_dir, annotation_file)
+        if self.dropped_boxes:
+            warnings.warn(f"{annotation_file}: {self.dropped_boxes} boxes of zero width or height "
+                          "dropped", stacklevel=2)
+        super().__init__(class_names, records, resize=resize, min_size=min_size,
+                         max_size=max_size, train=train, flip_prob=flip_prob,
+                         skip_empty=skip_empty)
+
+
+class VOCFormatDataset(_RecordDataset):
+    """Samples of a Pascal VOC folder (what labelling tools write), map-style.
+
+    The folder holds ``Annotations/*.xml``, ``JPEGImages/`` and, when present,
+    ``ImageSets/Main/{split}.txt`` (one image id a line); without split files every annotation is
+    read. ``class_names`` default: ``["__background__", *the object names found, sorted]``;
+    ``num_classes`` counts the background. VOC's ``difficult`` objects become crowd-like
+    (``iscrowd = 1``): dropped in training mode, ignored by :func:`evaluate`. Corners
+    ``xmin..xmax`` (1-based, inclusive) become ``x1 = xmin - 1, x2 = xmax`` (pixel edges). Samples
+    and options (``resize``, ``min_size``, ``max_size``, ``train``, ``flip_prob``,
+    ``skip_empty``) are those of :class:`CocoFormatDataset`.
+    """
+
+    def __init__(self, root: str, split: str = "train",
+                 class_names: Optional[Sequence[str]] = None, *,
+                 resize: Optional[str] = "shorter", min_size: int = IMG_SIZE,
+                 max_size: Optional[int] = None, train: bool = False,
+                 flip_prob: Optional[float] = None, skip_empty: Optional[bool] = None):
+        class_names, records = read_voc_folder(root, split, class_names)
+        super().__init__(class_names, records, resize=resize, min_size=min_size,
+                         max_size=max_size, train=train, flip_prob=flip_prob,
+                         skip_empty=skip_empty)
+
+
+def folder_dataset(folder: str, split: str = "train", **options) -> Dataset:
+    """The dataset of your own folder: :class:`VOCFormatDataset` when it has ``Annotations/``,
+    else :class:`CocoFormatDataset` over ``{split}.json``, ``annotations.json`` or the folder's one
+    ``.json``, with the images in ``images/`` (or the folder itself). ``options`` are the
+    datasets' sample options (``train``, ``resize``, ``min_size``, ...)."""
+    if os.path.isdir(os.path.join(folder, "Annotations")):
+        return VOCFormatDataset(folder, split, **options)
+    files = [os.path.join(folder, f"{split}.json"), os.path.join(folder, "annotations.json")]
+    found = [f for f in files if os.path.isfile(f)] or sorted(glob.glob(os.path.join(folder, "*.json")))
+    if len(found) != 1 and not any(os.path.isfile(f) for f in files):
+        raise FileNotFoundError(
+            f"{folder} is neither a Pascal VOC folder (Annotations/, JPEGImages/) nor a COCO-format "
+            f"folder with one annotation file ({split}.json or annotations.json; .json files "
+            f"found: {found}): name the annotation file {split}.json")
+    images = os.path.join(folder, "images")
+    return CocoFormatDataset(images if os.path.isdir(images) else folder, found[0], **options)
 
 
 # Batching ──────────────────────────────────────────────────────────────────────────────────────
@@ -1546,8 +1646,9 @@ class FasterRCNN(nn.Module):
     # -- torchvision's weights ------------------------------------------------------------------
 
     @classmethod
-    def from_torchvision(cls, state_dict="COCO_V1", *, norm_eps: float = 0.0,
-                         map_coco_classes: bool = True, **kwargs) -> "FasterRCNN":
+    def from_torchvision(cls, state_dict="COCO_V1", *, num_classes: Optional[int] = None,
+                         norm_eps: float = 0.0, map_coco_classes: bool = True,
+                         **kwargs) -> "FasterRCNN":
         """ResNet-50 + FPN Faster R-CNN holding torchvision's ``fasterrcnn_resnet50_fpn`` weights.
 
         ``state_dict`` is a state dict of that model (old or new key names), the path of one, or a
@@ -1557,17 +1658,26 @@ class FasterRCNN(nn.Module):
         unused "N/A" outputs, whose share of the softmax is negligible in the trained model.
         ``norm_eps`` is 0.0 for the published COCO weights; use 1e-5 for a model built by
         torchvision without them.
+
+        ``num_classes=K`` (background included) fine-tunes: every weight but the predictor's is
+        loaded with :func:`transfer_weights`, the predictor is new for ``K`` classes (initialised
+        as torchvision's), and the names left at their initial values are printed and kept in
+        ``model.new_weights``.
         """
         from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
 
         state = load_weights(state_dict, FasterRCNN_ResNet50_FPN_Weights, "from_torchvision",
                              "state_dict", random_ok=False)
         state = torchvision_to_course_state_dict(state, map_coco_classes)
-        num_classes = state["roi_heads.predictor.cls_score.weight"].shape[0]
+        head_classes = state["roi_heads.predictor.cls_score.weight"].shape[0]
         body = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         kwargs = {"frozen_bn": True, "trainable_layers": 3, **kwargs}  # pretrained, like torchvision
-        model = fasterrcnn_resnet50_fpn(num_classes, weights_backbone=body, norm_eps=norm_eps, **kwargs)
-        model.load_state_dict(state)
+        model = fasterrcnn_resnet50_fpn(num_classes or head_classes, weights_backbone=body,
+                                        norm_eps=norm_eps, **kwargs)
+        model.new_weights = transfer_weights(model, state)
+        if model.new_weights:
+            _say(f"from_torchvision: {len(model.new_weights)} weights left at their initial "
+                 f"values for num_classes={model.num_classes}: {model.new_weights}")
         return model
 
 
@@ -2177,8 +2287,8 @@ def _check_compatible(path: str, model: nn.Module, checkpoint: dict, weights: di
             f"Checkpoint {path} was trained with num_classes={ckpt_classes} (background "
             f"included) but this model has num_classes={model_classes}. To continue that run, "
             f"build the model with num_classes={ckpt_classes}. To fine-tune on your own classes, "
-            "load only the matching weights: model.load_state_dict({k: v for k, v in "
-            "checkpoint['model'].items() if 'predictor' not in k}, strict=False)."
+            f"start a fresh run from its weights: transfer_weights(model, {path!r}) loads every "
+            "weight that fits and leaves the new predictor as it is."
         )
     own = model.state_dict()
     wrong = [
@@ -2190,8 +2300,43 @@ def _check_compatible(path: str, model: nn.Module, checkpoint: dict, weights: di
         raise ValueError(
             f"Checkpoint {path} does not fit this model; {len(wrong)} tensors differ in shape, "
             f"e.g. {'; '.join(wrong[:3])}. Build the model with the settings the checkpoint was "
-            "trained with (num_classes, hidden_dim, feat_channels, anchors, ...)."
+            "trained with (num_classes, hidden_dim, feat_channels, anchors, ...), or, to "
+            f"fine-tune from it, call transfer_weights(model, {path!r}), which loads only the "
+            "weights that fit."
         )
+
+
+def transfer_weights(model: nn.Module, source) -> List[str]:
+    """Load into ``model`` every weight of ``source`` whose name and shape match; return the names
+    of the model's weights left at their initial values (sorted).
+
+    ``source`` is a checkpoint path (of :func:`save_checkpoint` or a saved state dict), a state
+    dict, or a model. This is how a detector trained on one set of classes starts training on
+    another: build the model with the new ``num_classes`` and transfer; the predictor (its
+    shapes depend on ``num_classes``) stays new, everything else is loaded. Raises a
+    ``ValueError`` when no weight matches (a different architecture, or torchvision's names: use
+    :meth:`FasterRCNN.from_torchvision`).
+    """
+    what = source if isinstance(source, (str, os.PathLike)) else type(source).__name__
+    if isinstance(source, nn.Module):
+        source = unwrap_model(source).state_dict()
+    elif isinstance(source, (str, os.PathLike)):
+        source = _read_checkpoint(os.fspath(source), "cpu")
+    if isinstance(source, dict) and isinstance(source.get("model"), dict):
+        source = source["model"]  # a training checkpoint
+    if not isinstance(source, dict):
+        raise TypeError(f"transfer_weights needs a checkpoint path, a state dict or a model, "
+                        f"got {what}")
+    net = unwrap_model(model)
+    own = net.state_dict()
+    matching = {k: v for k, v in source.items()
+                if k in own and isinstance(v, Tensor) and v.shape == own[k].shape}
+    if not matching:
+        raise ValueError(f"no weight of {what} matches this model by name and shape (e.g. "
+                         f"{list(source)[:3]}): it is another architecture. For torchvision's "
+                         "weights use FasterRCNN.from_torchvision(..., num_classes=K)")
+    net.load_state_dict(matching, strict=False)
+    return sorted(k for k in own if k not in matching)
 
 
 def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
@@ -2932,8 +3077,23 @@ def average_precision(hits: Tensor, scores: Tensor, num_gt: int) -> float:
     return float(padded[index].mean())
 
 
+def _per_class_ap(evaluator: COCOeval, class_names: Sequence[str]) -> Dict[str, float]:
+    """``AP/<name>`` and ``AP50/<name>`` of each category of an accumulated ``COCOeval``, read
+    from its precision array [IoU thresholds, recall levels, categories, areas, max detections]
+    at area "all" and 100 detections; -1.0 where pycocotools has no value."""
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]
+    out = {}
+    for k, label in enumerate(evaluator.params.catIds):
+        name = class_names[label] if 0 <= label < len(class_names) else str(label)
+        for key, values in (("AP", precision[:, :, k]), ("AP50", precision[0, :, k])):
+            valid = values[values > -1]
+            out[f"{key}/{name}"] = float(valid.mean()) if valid.size else -1.0
+    return out
+
+
 def coco_map(predictions: List[Dict[str, Tensor]], targets: List[Dict[str, Tensor]],
-             verbose: bool = False) -> Dict[str, float]:
+             verbose: bool = False, class_names: Optional[Sequence[str]] = None
+             ) -> Dict[str, float]:
     """COCO box metrics of detections against ground truth, computed by pycocotools.
 
     Args:
@@ -2944,12 +3104,16 @@ def coco_map(predictions: List[Dict[str, Tensor]], targets: List[Dict[str, Tenso
             it decides the small/medium/large split) and ``iscrowd`` [G] (crowd regions are
             ignored rather than counted as misses).
         verbose: print pycocotools' own log and summary table.
+        class_names: names of the labels (index 0 the background, e.g. a dataset's
+            ``class_names``); when given, the result also holds per-class AP.
 
     Returns:
         ``{name: value}`` for the names in ``COCO_METRICS`` (``AP``, ``AP50``, ``AP75``, ``APs``,
         ``APm``, ``APl``, ``AR1``, ...), each in [0, 1], exactly pycocotools' numbers. As in
         pycocotools, a metric with no ground truth to measure (e.g. ``APs`` without small
-        objects) is -1.0; so is every metric when there is no ground truth at all.
+        objects) is -1.0; so is every metric when there is no ground truth at all. With
+        ``class_names``, then ``AP/<name>`` and ``AP50/<name>`` of each class in the ground
+        truth, from pycocotools' precision array (all areas, 100 detections).
 
     Images are numbered by position (the dicts' ``image_id`` is not needed), the categories are
     the labels present in the ground truth, and detections become a result set through
@@ -2992,11 +3156,15 @@ def coco_map(predictions: List[Dict[str, Tensor]], targets: List[Dict[str, Tenso
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {name: float(value) for name, value in zip(COCO_METRICS, evaluator.stats)}
+    metrics = {name: float(value) for name, value in zip(COCO_METRICS, evaluator.stats)}
+    if class_names is not None:
+        metrics.update(_per_class_ap(evaluator, class_names))
+    return metrics
 
 
 def evaluate(model: nn.Module, loader, *, verbose: bool = False, progress: bool = True,
-             max_batches: Optional[int] = None) -> Dict[str, float]:
+             max_batches: Optional[int] = None, class_names: Optional[Sequence[str]] = None
+             ) -> Dict[str, float]:
     """COCO box metrics of ``model`` over the images of ``loader``, in original image pixels.
 
     Runs the detector in eval mode under ``torch.no_grad()`` (``model(images)`` returns
@@ -3015,10 +3183,15 @@ def evaluate(model: nn.Module, loader, *, verbose: bool = False, progress: bool 
         verbose: print pycocotools' summary table.
         progress: show a tqdm progress bar.
         max_batches: stop after this many batches (``None``: the whole loader).
+        class_names: the names of the labels for per-class AP; default the loader's dataset's
+            ``class_names`` when it has them.
 
     Returns:
-        The dict of :func:`coco_map`.
+        The dict of :func:`coco_map`, with ``AP/<name>`` and ``AP50/<name>`` per class when the
+        names are known.
     """
+    if class_names is None:
+        class_names = getattr(getattr(loader, "dataset", None), "class_names", None)
     device = next(model.parameters()).device
     was_training = model.training
     predictions, ground_truth = [], []
@@ -3045,7 +3218,7 @@ def evaluate(model: nn.Module, loader, *, verbose: bool = False, progress: bool 
                     ground_truth.append(truth)
     finally:
         model.train(was_training)
-    return coco_map(predictions, ground_truth, verbose=verbose)
+    return coco_map(predictions, ground_truth, verbose=verbose, class_names=class_names)
 
 
 # Drawing ───────────────────────────────────────────────────────────────────────────────────────

@@ -4,6 +4,7 @@
     .venv/bin/torchrun --nproc_per_node=2 train.py --epochs 2   # two processes (GPUs, or CPU + gloo)
     .venv/bin/torchrun --nproc_per_node=8 train.py --data coco --model resnet50_fpn \\
         --weights-backbone IMAGENET1K_V1 --steps-per-epoch 7000 --epochs 26 --batch-size 2
+    .venv/bin/python train.py --data my_folder --finetune COCO_V1 --lr 0.005  # your own data
 
 Run from the course folder after `make setup`, with the environment's own python and torchrun
 (.venv/bin/...), or after `source .venv/bin/activate` as plain `python` and `torchrun`.
@@ -14,6 +15,7 @@ arguments into calls.
 """
 
 import argparse
+import os
 import sys
 
 import torch
@@ -23,12 +25,15 @@ from frcnn_common import (
     IMG_SIZE,
     COCOStreamDataset,
     SyntheticShapesDataset,
+    FasterRCNN,
     cleanup_distributed,
     fasterrcnn_resnet50_fpn,
     fit,
+    folder_dataset,
     make_loader,
     setup_distributed,
     tiny_detector,
+    transfer_weights,
     wrap_distributed,
 )
 
@@ -46,8 +51,11 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
-    p.add_argument("--data", choices=["shapes", "coco"], default="shapes",
-                   help="synthetic shapes (offline) or the COCO 2017 train split")
+    p.add_argument("--data", default="shapes",
+                   help="'shapes' (synthetic, offline), 'coco' (the COCO 2017 train split) or "
+                        "your own folder: Pascal VOC (Annotations/, JPEGImages/) or COCO format "
+                        "(train.json or annotations.json, images in images/); num_classes is "
+                        "taken from the data")
     p.add_argument("--coco-source", default=HUB_COCO,
                    help="hub dataset name or local directory for --data coco")
     p.add_argument("--num-images", type=int, default=2048, help="synthetic images per epoch")
@@ -57,6 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the small shapes detector or ResNet-50 + FPN")
     p.add_argument("--weights-backbone", default=None,
                    help="e.g. IMAGENET1K_V1 for resnet50_fpn (default: random weights)")
+    p.add_argument("--finetune", default=None,
+                   help="start from trained weights with a new predictor for the data's classes: "
+                        "a torchvision weights name (COCO_V1: ResNet-50 + FPN, --model set to "
+                        "it) or a checkpoint of this course (loaded by transfer_weights)")
     p.add_argument("--trainable-layers", type=int, default=None,
                    help="backbone stages trained (default 3 with --weights-backbone, 5 without)")
     p.add_argument("--epochs", type=int, default=1, help="epochs in all (a resumed run included)")
@@ -95,15 +107,26 @@ def main(argv=None) -> None:
     if args.data == "shapes":
         dataset = SyntheticShapesDataset(args.num_images, args.image_size or 128, seed=args.seed,
                                          train=True)
-    else:
+    elif args.data == "coco":
         dataset = COCOStreamDataset("train", source=args.coco_source,
                                     min_size=args.image_size or IMG_SIZE, shuffle_buffer=1000,
                                     seed=args.seed)
-    if args.model == "tiny":
+    else:
+        dataset = folder_dataset(args.data, train=True, min_size=args.image_size or IMG_SIZE)
+    if args.finetune is not None and not os.path.exists(args.finetune):  # torchvision's weights
+        model = FasterRCNN.from_torchvision(args.finetune, num_classes=dataset.num_classes,
+                                            trainable_layers=args.trainable_layers or 3)
+    elif args.model == "tiny":
         model = tiny_detector(dataset.num_classes)
     else:
         model = fasterrcnn_resnet50_fpn(dataset.num_classes, weights_backbone=args.weights_backbone,
                                         trainable_layers=args.trainable_layers)
+    if args.finetune is not None and os.path.exists(args.finetune):
+        new = transfer_weights(model, args.finetune)
+        if info.rank == 0:
+            print(f"{args.finetune}: loaded all weights but {new}" if new else
+                  f"{args.finetune}: loaded every weight, the predictor's too (same num_classes: "
+                  "its rows now stand for this data's classes)", flush=True)
     model = wrap_distributed(model.to(info.device))
     loader = make_loader(dataset, args.batch_size, num_workers=args.workers, seed=args.seed,
                          drop_last=True)

@@ -154,3 +154,70 @@ def pair():
     from detectors import detector_pair
 
     return detector_pair()
+
+
+# ─── your own data: COCO-format and VOC folders of drawn shapes, with names COCO does not have ──
+OWN_NAMES = {1: "disc", 2: "block", 3: "wedge"}  # SyntheticShapesDataset's circle, square, triangle
+OWN_IDS = {1: 10, 2: 3, 3: 7}  # sparse, unordered category ids of the COCO-format file
+
+
+def own_scenes(count: int = 6):
+    """``count`` drawn images (uint8 [3, 64, 64]) with boxes [G, 4] and shape labels 1..3."""
+    from frcnn_common import SyntheticShapesDataset
+
+    shapes = SyntheticShapesDataset(count, image_size=64, seed=1, texture=0.0, objects=(1, 3),
+                                    object_size=(0.25, 0.45))
+    return [shapes.render(i) for i in range(count)]
+
+
+def _save(pixels, path: str) -> None:
+    Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(path)
+
+
+@pytest.fixture(scope="session")
+def own_coco_folder(tmp_path_factory):
+    """A COCO-format folder (``train.json``, ``images/``): 6 drawn images and one without
+    objects, category ids 10, 3, 7, a crowd box and a zero-width box on the last image."""
+    root = tmp_path_factory.mktemp("own_coco")
+    os.makedirs(root / "images")
+    images, annotations = [], []
+    import torch
+
+    empty = (torch.full((3, 64, 64), 128, dtype=torch.uint8), torch.zeros(0, 4), torch.zeros(0))
+    for index, (pixels, boxes, labels) in enumerate(own_scenes() + [empty]):
+        name = f"{index}.png"
+        _save(pixels, str(root / "images" / name))
+        images.append({"id": 100 + index, "file_name": name, "width": 64, "height": 64})
+        for box, label in zip(boxes.tolist(), labels.tolist()):
+            x1, y1, x2, y2 = box
+            annotations.append({"id": len(annotations) + 1, "image_id": 100 + index,
+                                "category_id": OWN_IDS[label], "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+    annotations += [{"id": 900, "image_id": 105, "category_id": 3, "bbox": [0, 0, 8, 8],
+                     "area": 64, "iscrowd": 1},
+                    {"id": 901, "image_id": 105, "category_id": 3, "bbox": [4, 4, 0, 9]}]
+    categories = [{"id": OWN_IDS[k], "name": OWN_NAMES[k]} for k in (1, 2, 3)]
+    with open(root / "train.json", "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    return root
+
+
+@pytest.fixture(scope="session")
+def own_voc_folder(tmp_path_factory):
+    """A Pascal VOC folder of the same 6 drawn images (PNG files), split ``train`` listing 5 of
+    them, the first object of image 0 marked difficult."""
+    root = tmp_path_factory.mktemp("own_voc")
+    for sub in ("Annotations", "JPEGImages", os.path.join("ImageSets", "Main")):
+        os.makedirs(root / sub)
+    for index, (pixels, boxes, labels) in enumerate(own_scenes()):
+        _save(pixels, str(root / "JPEGImages" / f"img{index}.png"))
+        objects = "".join(
+            f"<object><name>{OWN_NAMES[label]}</name><difficult>{int(index == 0 and k == 0)}"
+            f"</difficult><bndbox><xmin>{x1 + 1:g}</xmin><ymin>{y1 + 1:g}</ymin><xmax>{x2:g}"
+            f"</xmax><ymax>{y2:g}</ymax></bndbox></object>"
+            for k, ((x1, y1, x2, y2), label) in enumerate(zip(boxes.tolist(), labels.tolist())))
+        (root / "Annotations" / f"img{index}.xml").write_text(
+            f"<annotation><filename>img{index}.png</filename><size><width>64</width>"
+            f"<height>64</height><depth>3</depth></size>{objects}</annotation>")
+    (root / "ImageSets" / "Main" / "train.txt").write_text("".join(f"img{i}\n" for i in range(5)))
+    return root

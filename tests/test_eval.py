@@ -230,3 +230,14 @@ def test_show_predictions_titles_both_panels():
     assert left.get_title().startswith("ground truth") and right.get_title().startswith("predic")
     assert fig._suptitle is not None and "image 0" in fig._suptitle.get_text()
     plt.close(fig)
+
+
+def test_coco_map_reports_ap_per_class_by_name():
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 40.0, 40.0]])
+    targets = [{"boxes": boxes, "labels": torch.tensor([1, 3])}]
+    found = [{"boxes": boxes[:1], "scores": torch.ones(1), "labels": torch.tensor([1])}]
+    metrics = coco_map(found, targets, class_names=SHAPE_NAMES)
+    assert metrics["AP/circle"] == pytest.approx(1.0) and metrics["AP50/circle"] == pytest.approx(1.0)
+    assert metrics["AP/triangle"] == 0.0 and "AP/square" not in metrics  # no square in the truth
+    assert metrics["AP"] == pytest.approx(0.5)  # the mean over the two classes
+    assert list(coco_map(found, targets)) == COCO_METRICS  # no names, no per-class keys

@@ -229,6 +229,19 @@ def test_from_torchvision_keeps_a_fine_tuned_head_size(pair):
     assert fc.FasterRCNN.from_torchvision(state).num_classes == 5
 
 
+def test_from_torchvision_with_num_classes_keeps_all_but_a_new_predictor(pair, capsys):
+    model, _ = pair
+    state = torchvision_twin(model).state_dict()
+    loaded = fc.FasterRCNN.from_torchvision(state, num_classes=4, norm_eps=model.backbone.bn1.eps)
+    head = [f"roi_heads.predictor.{p}.{w}" for p in ("bbox_pred", "cls_score") for w in ("bias", "weight")]
+    assert loaded.num_classes == 4 and loaded.new_weights == head
+    assert "4 weights left at their initial values" in capsys.readouterr().err
+    assert loaded.roi_heads.predictor.cls_score.weight.shape[0] == 4
+    for key, value in model.state_dict().items():
+        if "predictor" not in key:
+            assert torch.equal(loaded.state_dict()[key], value), key
+
+
 HANG_LIMIT_S = 15
 """A failure that takes longer than this counts as a hang (an offline download would retry for
 minutes); the module's probe gives up after 5 s. The margin is for a loaded CI machine."""

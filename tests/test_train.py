@@ -387,6 +387,25 @@ def test_checkpoint_from_other_num_classes_is_refused(tmp_path):
         load_checkpoint(plain, small_detector(num_classes=3))
     state = load_checkpoint(path, small_detector(num_classes=4))
     assert (state.epoch, state.step) == (1, 3)
+    with pytest.raises(ValueError, match=r"transfer_weights\(model, "):
+        load_checkpoint(path, small_detector(num_classes=3))
+
+
+def test_transfer_weights_loads_what_fits_and_names_the_rest(tmp_path):
+    import frcnn_common as fc
+
+    four = small_detector(num_classes=4)
+    path = str(tmp_path / "four.pt")
+    save_checkpoint(path, four, state=TrainState(step=1))
+    for source in (path, four.state_dict(), four):
+        three = small_detector(num_classes=3)
+        before = {k: v.clone() for k, v in three.state_dict().items()}
+        left = fc.transfer_weights(three, source)
+        assert left and all("predictor" in k for k in left)
+        for key, value in three.state_dict().items():
+            assert torch.equal(value, before[key] if key in left else four.state_dict()[key]), key
+    with pytest.raises(ValueError, match="no weight .* matches"):
+        fc.transfer_weights(three, {"fc.weight": torch.zeros(2)})
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
