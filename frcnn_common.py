@@ -1538,8 +1538,7 @@ class FasterRCNN(nn.Module):
         above ``score_threshold`` if given. The module's training mode is restored afterwards.
 
         ``batch_size``: run the images through the model this many at a time (the memory of a
-        forward pass grows with the batch: about 0.6 GB an image at 800 px in float32, measured
-        on the CPU), ``None`` all at once. Each image's detections do not depend on the others
+        forward pass grows with the batch and with the image size), ``None`` all at once. Each image's detections do not depend on the others
         of its chunk beyond the padding to a common size."""
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be None or >= 1, got {batch_size}")
