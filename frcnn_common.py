@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import io
+import json
 import math
 import os
 import random
@@ -2886,6 +2887,36 @@ def pooled_levels(model: nn.Module, image: Tensor) -> List[int]:
         maps = model.features(batch)
     maps = maps[:-1] if model.fpn is not None else maps  # P6 serves the RPN only
     return [round(math.log2(batch.shape[-2] / m.shape[-2])) for m in maps]
+
+
+def write_shapes_coco_folder(folder: str, num_images: int, names_of: Dict[int, str], *,
+                             image_size: int = 128, seed: int = 0) -> str:
+    """Write :class:`SyntheticShapesDataset` images as a COCO-format folder, the format labelling
+    tools export: ``folder/images/{i}.png`` and ``folder/annotations.json``; return the JSON's path.
+
+    ``names_of`` maps each shape label (1 circle, 2 square, 3 triangle) to a class name of your
+    own; shapes given one name become one class. Category ids are 10, 20, ... in name order
+    (sparse, as real files often are); boxes are written as COCO's ``[x, y, w, h]``."""
+    from PIL import Image
+
+    names = sorted(set(names_of.values()))
+    category_of = {label: 10 * (names.index(name) + 1) for label, name in names_of.items()}
+    shapes = SyntheticShapesDataset(num_images, image_size, seed=seed)
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    images, annotations = [], []
+    for i in range(num_images):
+        pixels, boxes, labels = shapes.render(i)
+        Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(os.path.join(folder, "images", f"{i}.png"))
+        images.append({"id": i, "file_name": f"{i}.png", "width": pixels.shape[2], "height": pixels.shape[1]})
+        for (x1, y1, x2, y2), label in zip(boxes.tolist(), labels.tolist()):
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": category_of[label],
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                                "iscrowd": 0})
+    categories = [{"id": 10 * (k + 1), "name": name} for k, name in enumerate(names)]
+    path = os.path.join(folder, "annotations.json")
+    with open(path, "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    return path
 
 
 def shapes_detector(checkpoint: str, fallback: Optional[str] = None, *, progress: bool = True,
