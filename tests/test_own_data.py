@@ -155,3 +155,16 @@ def test_bad_voc_files_name_the_file_object_and_fix(own_voc_folder, tmp_path):
     shutil.rmtree(tmp_path / "voc")
     with pytest.raises(ValueError, match=r"img1.xml: object 0 .* outside its 64 x 64 px image"):
         fc.VOCFormatDataset(str(_voc_copy(own_voc_folder, tmp_path, "<xmax>", "<xmax>9")))
+
+
+def test_write_shapes_coco_folder_merges_shapes_into_the_named_classes(tmp_path):
+    names_of = {1: "disc", 2: "polygon", 3: "polygon"}
+    path = fc.write_shapes_coco_folder(str(tmp_path / "own"), 6, names_of, image_size=96, seed=3)
+    data = fc.CocoFormatDataset(str(tmp_path / "own" / "images"), path, min_size=96)
+    assert data.class_names == ["__background__", "disc", "polygon"] and len(data) == 6
+    shapes = fc.SyntheticShapesDataset(6, 96, seed=3)
+    for i in range(6):
+        _, boxes, labels = shapes.render(i)
+        target = data[i][1]
+        torch.testing.assert_close(target["boxes"], boxes.float())
+        assert target["labels"].tolist() == [1 if int(l) == 1 else 2 for l in labels]
