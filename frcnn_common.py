@@ -3045,6 +3045,143 @@ def training_step_flops(model: nn.Module, images: List[Tensor], targets: List[Di
     return counter.get_total_flops()
 
 
+_COPY_OR_VIEW = {"ToCopyBackward0", "TBackward0", "ViewBackward0", "UnsafeViewBackward0",
+                 "PermuteBackward0", "TransposeBackward0", "ExpandBackward0", "AliasBackward0"}
+
+
+def _copy_of_a_weight(t: Tensor) -> bool:
+    """True when ``t`` is a parameter seen through casts and views (autocast's 16-bit copy of a
+    weight, a linear layer's transposed weight): its autograd chain reaches a leaf directly."""
+    node = t.grad_fn
+    for _ in range(4):
+        if node is None or type(node).__name__ == "AccumulateGrad":
+            return node is not None
+        if type(node).__name__ not in _COPY_OR_VIEW:
+            return False
+        inputs = [n for n, _ in node.next_functions if n is not None]
+        if len(inputs) != 1:
+            return False
+        node = inputs[0]
+    return False
+
+
+def saved_activation_bytes(model: nn.Module, *inputs, amp: bool = False) -> Dict[str, int]:
+    """Bytes of the tensors autograd saves for backward during one forward ``model(*inputs)``
+    (a detector in training mode: ``(images, targets)``), each storage counted once, by dtype
+    name (``{"float32": ..., "bfloat16": ...}``).
+
+    ``torch.autograd.graph.saved_tensors_hooks`` sees every saved tensor. Left out: the
+    parameters and buffers themselves and their copies through casts and views (autocast's
+    16-bit weights, a transposed weight), recognised by storage and by autograd chain, never by
+    shape (an activation may have a weight's shape: the ROI head's ``[1024, 12544]`` features of
+    two images, 512 sampled boxes each, have fc6's). ``amp``: autocast to float16 on CUDA,
+    bfloat16 on a CPU."""
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    storages: Dict[int, Tuple[int, str]] = {}
+
+    def keep(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights and not _copy_of_a_weight(t):
+            storages[storage.data_ptr()] = (storage.nbytes(), str(t.dtype).replace("torch.", ""))
+        return t
+
+    device = next(model.parameters()).device
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        with torch.autocast(device.type, dtype=_amp_dtype(device, True), enabled=amp):
+            model(*inputs)
+    by_dtype: Dict[str, int] = {}
+    for nbytes, name in storages.values():
+        by_dtype[name] = by_dtype.get(name, 0) + nbytes
+    return by_dtype
+
+
+def _resident_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory (``VmRSS``) or its high-water mark (``VmHWM``), in MiB
+    (Linux's ``/proc/self/status``)."""
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(status[field].split()[0]) / 1024
+
+
+def _reset_peak(device: torch.device) -> float:
+    """Resets the peak memory counter of ``device`` and returns the memory in use now, MiB."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets VmHWM
+        f.write("5")
+    return _resident_mb()
+
+
+def _peak_mb(device: torch.device) -> float:
+    """The peak memory of ``device`` since :func:`_reset_peak`, MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return _resident_mb("VmHWM")
+
+
+def training_step_memory(*, image_size: int = 96, batch: int = 1, amp: bool = False,
+                         steps: int = 2, device="cpu", threads: Optional[int] = None,
+                         stand_in_weights: bool = False, **detector) -> dict:
+    """Notebook 05's memory measurement of one configuration of :func:`fasterrcnn_resnet50_fpn`
+    (``detector``: its keyword arguments; 4 classes) on ``batch`` random square images of
+    ``image_size`` px with two boxes each.
+
+    First the activations one training forward saves for backward
+    (:func:`saved_activation_bytes`), then ``steps`` steps of :func:`train_step` (SGD; AMP:
+    float16 with a gradient scaler on CUDA, bfloat16 on a CPU): their peak memory above what was
+    in use before them (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process's resident
+    high-water mark ``VmHWM``, Linux) and the seconds of the last step. ``stand_in_weights``:
+    random ImageNet-shaped backbone weights as a state dict (``trainable_layers`` needs weights).
+    Run each configuration in its own process (:func:`measure_in_fresh_process`): a process's
+    peak includes whatever ran before. Returns ``saved_mb``, ``saved_by_dtype_mb``, ``peak_mb``
+    and ``step_s`` (MiB, seconds; ``None`` when ``steps`` is 0)."""
+    device = torch.device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    if stand_in_weights:
+        detector["weights_backbone"] = ResNet50().state_dict()
+    model = fasterrcnn_resnet50_fpn(num_classes=4, **detector).to(device).train()
+    optimizer = make_optimizer(model, lr=0.01)
+    images = torch.randn(batch, 3, image_size, image_size, device=device)
+    boxes = torch.tensor([[0.1, 0.15, 0.45, 0.5], [0.4, 0.2, 0.95, 0.8]], device=device) * image_size
+    targets = [{"boxes": boxes, "labels": torch.tensor([1, 2], device=device)}] * batch
+    torch.manual_seed(1)  # the same sampled anchors and ROIs in every configuration
+    saved = saved_activation_bytes(model, list(images), targets, amp=amp)
+    scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
+    base, seconds = _reset_peak(device), None
+    for _ in range(steps):
+        start = time.perf_counter()
+        train_step(model, list(images), targets, optimizer, scaler=scaler,
+                   amp_dtype=_amp_dtype(device, amp))  # its loss read is the step's device sync
+        seconds = time.perf_counter() - start
+    return {"saved_mb": sum(saved.values()) / 2**20,
+            "saved_by_dtype_mb": {k: v / 2**20 for k, v in saved.items()},
+            "peak_mb": _peak_mb(device) - base if steps else None, "step_s": seconds}
+
+
+def measure_in_fresh_process(**settings) -> dict:
+    """:func:`training_step_memory` (``settings``: its keywords, JSON-able) in a new Python
+    process, so that no measurement inherits another's peak. An out-of-memory is returned as
+    ``{"error": "out of memory", ...}``; any other failure raises ``RuntimeError`` with the
+    child's last error line."""
+    import subprocess
+
+    code = ("import json, sys; import frcnn_common as fc; "
+            "print(json.dumps(fc.training_step_memory(**json.loads(sys.argv[1]))))")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(settings)], env=env,
+                          capture_output=True, text=True)
+    if done.returncode == 0:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    lines = [line for line in done.stderr.splitlines() if line.strip()] or [f"exit {done.returncode}"]
+    if any("out of memory" in line.lower() for line in lines[-3:]) or done.returncode == -9:
+        return {"error": "out of memory", "detail": lines[-1], "saved_mb": None, "peak_mb": None,
+                "step_s": None}
+    raise RuntimeError(f"the memory measurement {settings} failed in its process: {lines[-1]}")
+
+
 # ─── 9. Evaluation ─────────────────────────────────────────────────────────────────────────────
 # COCO's box mAP computed by pycocotools itself (the numbers papers report), a loop that runs a
 # detector over a loader, and the drawing helpers the notebooks use.

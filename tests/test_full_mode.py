@@ -129,3 +129,29 @@ def test_every_notebook_runs_in_full_mode_on_a_simulated_coco(tmp_path, resnet50
                   or "Traceback" in "".join(o.get("text", ""))]
         assert not errors, f"{name}: {errors[0]}"
     assert len(list(out.glob("*.ipynb"))) == 6
+
+
+def test_saved_activations_count_an_input_shaped_like_a_weight_and_leave_out_weight_copies():
+    layer = torch.nn.Linear(8, 16)
+    x = torch.randn(16, 8)  # the shape of the layer's weight, and saved for its gradient
+    assert fc.saved_activation_bytes(layer, x) == {"float32": x.numel() * 4}
+    # under CPU autocast: x's bfloat16 copy is an activation; the weight's copy is not
+    assert fc.saved_activation_bytes(layer, x, amp=True) == {"bfloat16": x.numel() * 2}
+
+
+def test_training_step_memory_measures_a_step_in_a_fresh_process():
+    row = fc.measure_in_fresh_process(image_size=64, batch=1, steps=1, threads=1)
+    assert row["saved_mb"] > 1 and row["peak_mb"] > 0 and row["step_s"] > 0
+    assert abs(sum(row["saved_by_dtype_mb"].values()) - row["saved_mb"]) < 1e-6
+    with pytest.raises(RuntimeError, match="trainable_layers"):
+        fc.measure_in_fresh_process(image_size=64, steps=0, stand_in_weights=True, trainable_layers=9)
+
+
+def test_an_out_of_memory_in_the_measurement_becomes_a_row_not_a_stop(monkeypatch):
+    import subprocess
+
+    failed = subprocess.CompletedProcess([], 1, "", "Traceback ...\ntorch.OutOfMemoryError: "
+                                         "CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: failed)
+    row = fc.measure_in_fresh_process(image_size=64)
+    assert row["error"] == "out of memory" and "2.00 GiB" in row["detail"]
