@@ -3734,3 +3734,118 @@ def check_average_precision(yours) -> bool:
         cases.append((guesses, torch.rand(8, generator=g), truth, t))
     return check_exercise(yours, _ap_at, cases, name="the module's AP")
 
+
+
+_PATH_INK = {"both": "black", "infer": "tab:blue", "train": "tab:red"}
+
+
+def _shape(t: Tensor) -> str:
+    """A tensor's shape as notebook 01 prints it: ``[3, 200, 266]``."""
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _overview_stage(ax, x: float, y: float, title: str, lines, path: str = "both",
+                    w: float = 2.4, h: float = 2.3) -> None:
+    """One rounded box of the overview diagram: a bold title and monospace ``(text, path)`` lines,
+    coloured by path (black: both, blue: inference, red: training, dashed)."""
+    from matplotlib.patches import FancyBboxPatch
+
+    ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.04", fc="white",
+                                ec=_PATH_INK[path], lw=1.8, ls="--" if path == "train" else "-"))
+    ax.text(x + w / 2, y + h - 0.12, title, ha="center", va="top", fontsize=9.5,
+            fontweight="bold", color=_PATH_INK[path])
+    for i, (text, kind) in enumerate(lines):
+        ax.text(x + 0.1, y + h - 0.55 - 0.3 * i, text, ha="left", va="top", fontsize=7.5,
+                family="monospace", color=_PATH_INK[kind])
+
+
+def _overview_arrow(ax, start, end, path: str = "both") -> None:
+    """An arrow of the overview diagram, coloured and dashed like the stage boxes."""
+    ax.annotate("", xy=end, xytext=start, arrowprops={
+        "arrowstyle": "-|>", "color": _PATH_INK[path], "lw": 1.6,
+        "ls": "--" if path == "train" else "-"})
+
+
+def _overview_stages(image, batch, infer, train, losses, num_anchors, num_gt, detections):
+    """The eleven boxes of :func:`draw_detector_overview`: ``(x, y, title, lines, path, h)``."""
+    dims = lambda t: " x ".join(str(s) for s in t.shape[1:])  # noqa: E731
+    both = lambda texts: [(t, "both") for t in texts]  # noqa: E731
+    split = lambda a, b: [(f"eval:  {_shape(a)}", "infer"), (f"train: {_shape(b)}", "train")]  # noqa: E731
+    logits, deltas = infer["rpn_head"]
+    pair = lambda key: ", ".join(f"{k} {float(losses[k]):.2f}" for k in key)  # noqa: E731
+    xs, top, low = [0.2, 3.05, 5.9, 8.75, 11.6], 4.4, 1.5
+    return [
+        (xs[0], top, "image", both([_shape(image), "resized by the dataset", "padded by the model to",
+                                    _shape(batch)]), "both", 2.3),
+        (xs[1], top, "ResNet-50", both([f"C{k}: {dims(c)}" for k, c in enumerate(infer["C"], 2)]
+                                       + ["strides 4, 8, 16, 32"]), "both", 2.3),
+        (xs[2], top, "FPN", both([f"P{k}: {dims(p)}" for k, p in enumerate(infer["P"], 2)]), "both", 2.3),
+        (xs[3], top, "RPN head + anchors", both(["3 anchors per position", f"logits {dims(logits[0])} (P2)",
+                                                 f"deltas {dims(deltas[0])} (P2)",
+                                                 f"all levels: {num_anchors} anchors",
+                                                 "decode, top-k, NMS 0.7"]), "both", 2.3),
+        (xs[4], top, "proposals", split(infer["rpn"][0][0], train["rpn"][0][0])
+         + [(f"  + {num_gt} GT boxes,", "train"), (f"  sample {train['pooled'].shape[0]}", "train")],
+         "both", 2.3),
+        (xs[4], low, "RoIAlign (P2..P5)", both(["each box -> 7 x 7 cells"])
+         + split(infer["pooled"], train["pooled"]), "both", 2.3),
+        (xs[3], low, "two-layer head", both(["fc6, fc7 (1024 each)"])
+         + split(infer["box_head"], train["box_head"]), "both", 2.3),
+        (xs[2], low, "predictor", both(["classes, one box per class"])
+         + [(f"eval:  {_shape(infer['predictor'][0])}", "infer"),
+            (f"       {_shape(infer['predictor'][1])}", "infer"),
+            (f"train: {_shape(train['predictor'][0])}", "train"),
+            (f"       {_shape(train['predictor'][1])}", "train")], "both", 2.3),
+        (xs[1], low, "post-processing", [(t, "infer") for t in ("softmax, score > 0.05,", "NMS 0.5 per class,",
+                                                                 "best 100:", f"boxes {_shape(detections)}")],
+         "infer", 2.3),
+        (xs[3], 6.95, "RPN losses", [(pair(("rpn_cls", "rpn_box")), "train")], "train", 1.0),
+        (xs[2], 0.15, "ROI losses", [(pair(("roi_cls", "roi_box")), "train")], "train", 1.0),
+        (xs[0], low, "key", [("black: both paths", "both"), ("blue: inference only", "infer"),
+                             ("red: training only", "train"), ("(all shapes for", "both"),
+                             ("  this one image)", "both")], "both", 2.3)]
+
+
+def draw_detector_overview(image: Tensor, batch: Tensor, infer: Dict[str, object],
+                           train: Dict[str, object], losses: Dict[str, Tensor], num_anchors: int,
+                           num_gt: int, detections: Tensor):
+    """Draw notebook 01's diagram of Faster R-CNN's stages, with the shapes recorded on one image.
+
+    Args:
+        image: the dataset's image ``[3, H, W]``; batch: the padded batch ``[1, 3, H', W']``.
+        infer, train: each stage's output in eval and in training mode, as forward hooks record
+            them: ``"C"`` and ``"P"`` (lists of ``[1, C, h, w]`` maps), ``"rpn_head"`` (lists of
+            logits and deltas), ``"rpn"`` (proposals, losses), ``"pooled"`` ``[K, 256, 7, 7]``,
+            ``"box_head"`` ``[K, 1024]``, ``"predictor"`` (logits ``[K, C]``, deltas ``[K, 4C]``).
+        losses: the training path's loss dict (``rpn_cls``, ``rpn_box``, ``roi_cls``, ``roi_box``).
+        num_anchors: anchors over all levels; num_gt: ground-truth boxes added in training.
+        detections: the inference path's boxes ``[D, 4]``.
+
+    Returns the matplotlib figure: black boxes and arrows for both paths, blue for inference
+    only, red (dashed) for training only.
+    """
+    import matplotlib.pyplot as plt
+
+    missing = [k for k in ("C", "P", "rpn_head", "rpn", "pooled", "box_head", "predictor")
+               if k not in infer or k not in train]
+    if missing:
+        raise KeyError(f"draw_detector_overview: no recorded output for stage(s) {missing}; "
+                       "register a forward hook on each stage in both modes first")
+    fig, ax = plt.subplots(figsize=(14, 8))
+    ax.set(xlim=(0, 14.2), ylim=(0, 8.3), title=f"Faster R-CNN, ResNet-50 + FPN, on one "
+           f"{image.shape[-2]} x {image.shape[-1]} image: the shape of every stage (computed above)")
+    ax.axis("off")
+    for x, y, title, lines, path, h in _overview_stages(image, batch, infer, train, losses,
+                                                        num_anchors, num_gt, detections):
+        _overview_stage(ax, x, y, title, lines, path, h=h)
+    xs, top, low = [0.2, 3.05, 5.9, 8.75, 11.6], 4.4, 1.5
+    for a, b in zip(xs[:4], xs[1:]):
+        _overview_arrow(ax, (a + 2.45, top + 1.15), (b - 0.05, top + 1.15))
+    _overview_arrow(ax, (xs[4] + 1.2, top - 0.05), (xs[4] + 1.2, low + 2.35))
+    for a, b in ((xs[4], xs[3]), (xs[3], xs[2])):
+        _overview_arrow(ax, (a - 0.05, low + 1.15), (b + 2.45, low + 1.15))
+    _overview_arrow(ax, (xs[2] - 0.05, low + 1.15), (xs[1] + 2.45, low + 1.15), "infer")
+    _overview_arrow(ax, (xs[3] + 1.2, top + 2.35), (xs[3] + 1.2, 6.9), "train")
+    _overview_arrow(ax, (xs[2] + 1.2, low - 0.05), (xs[2] + 1.2, 1.2), "train")
+    ax.text(xs[2] + 1.2, top - 0.35, "P2..P5 also feed RoIAlign", ha="center", fontsize=8, style="italic")
+    return fig

@@ -237,3 +237,33 @@ def test_draw_boxes_puts_the_highest_score_on_top_with_labels_inside_and_apart()
         assert not any(a.overlaps(b) for b in extents[k + 1:])
     assert ax.texts[-1].get_position()[1] == pytest.approx(0.0)  # the best label keeps the top
     plt.close("all")
+
+
+def test_draw_detector_overview_writes_the_recorded_shapes_and_names_a_missing_stage():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def stages(k, classes):
+        return {"C": [torch.zeros(1, 256 * 2 ** i, 40 // 2 ** i, 48 // 2 ** i) for i in range(4)],
+                "P": [torch.zeros(1, 256, 40 // 2 ** i, 48 // 2 ** i) for i in range(5)],
+                "rpn_head": ([torch.zeros(1, 3, 40, 48)], [torch.zeros(1, 12, 40, 48)]),
+                "rpn": ([torch.zeros(k + 7, 4)], {}), "pooled": torch.zeros(k, 256, 7, 7),
+                "box_head": torch.zeros(k, 1024),
+                "predictor": (torch.zeros(k, classes), torch.zeros(k, 4 * classes))}
+    losses = {"rpn_cls": torch.tensor(0.5), "rpn_box": torch.tensor(0.25),
+              "roi_cls": torch.tensor(1.5), "roi_box": torch.tensor(0.125)}
+    infer, train = stages(30, 5), stages(12, 5)
+    fig = fc.draw_detector_overview(torch.zeros(3, 150, 190), torch.zeros(1, 3, 160, 192), infer, train,
+                                    losses, num_anchors=1234, num_gt=2, detections=torch.zeros(9, 4))
+    texts = {t.get_text() for t in fig.axes[0].texts}
+    for expected in ("[3, 150, 190]", "P3: 256 x 20 x 24", "C5: 2048 x 5 x 6", "all levels: 1234 anchors",
+                     "eval:  [37, 4]", "train: [12, 256, 7, 7]", "  + 2 GT boxes,", "  sample 12",
+                     "boxes [9, 4]", "rpn_cls 0.50, rpn_box 0.25", "       [30, 20]"):
+        assert expected in texts, expected
+    assert "150 x 190 image" in fig.axes[0].get_title()
+    plt.close(fig)
+    del train["pooled"]
+    with pytest.raises(KeyError, match="pooled"):
+        fc.draw_detector_overview(torch.zeros(3, 150, 190), torch.zeros(1, 3, 160, 192), infer, train,
+                                  losses, 1234, 2, torch.zeros(9, 4))
