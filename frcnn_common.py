@@ -2956,6 +2956,7 @@ COCO_RECIPE = dict(
     warmup_steps=500,
     max_grad_norm=10.0,
     shuffle_buffer=1000,
+    minutes=None,  # FRCNN_MINUTES: a time budget; notebook 05 turns it into steps by its measured step time
 )
 """Notebook 05's full-mode run: ResNet-50 + FPN from ImageNet weights on COCO with AMP and
 gradient checkpointing. Each knob is read from the environment variable named beside it by
@@ -2965,7 +2966,8 @@ FRCNN_TEST_IMAGES=6 FRCNN_TEST_SIZE=400``."""
 
 FULL_MODE_KNOBS = {"steps": "FRCNN_STEPS", "batch_size": "FRCNN_BATCH",
                    "image_size": "FRCNN_IMAGE_SIZE", "eval_images": "FRCNN_EVAL_IMAGES",
-                   "test_images": "FRCNN_TEST_IMAGES", "test_size": "FRCNN_TEST_SIZE"}
+                   "test_images": "FRCNN_TEST_IMAGES", "test_size": "FRCNN_TEST_SIZE",
+                   "minutes": "FRCNN_MINUTES"}
 
 
 def full_mode_settings(**overrides) -> dict:
@@ -2977,8 +2979,9 @@ def full_mode_settings(**overrides) -> dict:
         if text is None:
             continue
         if not text.strip().isdigit() or int(text) <= 0:
+            default = "not set" if COCO_RECIPE[key] is None else COCO_RECIPE[key]
             raise ValueError(f"{variable}={text!r}: give a positive whole number "
-                             f"(the default is {COCO_RECIPE[key]})")
+                             f"(the default is {default})")
         config[key] = int(text)
     return {**config, **overrides}
 

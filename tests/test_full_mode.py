@@ -155,3 +155,13 @@ def test_an_out_of_memory_in_the_measurement_becomes_a_row_not_a_stop(monkeypatc
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: failed)
     row = fc.measure_in_fresh_process(image_size=64)
     assert row["error"] == "out of memory" and "2.00 GiB" in row["detail"]
+
+
+def test_a_time_budget_is_a_knob_unset_by_default(monkeypatch):
+    monkeypatch.delenv("FRCNN_MINUTES", raising=False)
+    assert fc.full_mode_settings()["minutes"] is None
+    monkeypatch.setenv("FRCNN_MINUTES", "45")
+    assert fc.full_mode_settings()["minutes"] == 45
+    monkeypatch.setenv("FRCNN_MINUTES", "soon")
+    with pytest.raises(ValueError, match="FRCNN_MINUTES='soon'.*the default is not set"):
+        fc.full_mode_settings()
