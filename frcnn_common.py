@@ -2429,7 +2429,7 @@ def _start_state(path: Optional[str], resume: bool, parts: tuple, epochs: int,
     if path is not None and say:
         why = (f"resume=False: starting fresh, {path} is overwritten" if os.path.exists(path)
                else f"No checkpoint at {path}, starting fresh")
-        cadence = f"every {every} steps and " if every else ""
+        cadence = "" if not every else "after every step and " if every == 1 else f"every {every} steps and "
         _say(f"{why} (checkpoints there {cadence}at the end of each epoch).")
     return TrainState(total_steps=epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
 

@@ -331,7 +331,7 @@ def test_a_fresh_run_says_so_and_saves_about_twenty_times(tmp_path, capsys):
     fit(ToyDetector(), make_loader(toy_data(4), 1, shuffle=False), 1, checkpoint_path=path,
         device=CPU, amp=False, progress=True)
     said = capsys.readouterr().err
-    assert f"No checkpoint at {path}, starting fresh (checkpoints there every 1 steps" in said
+    assert f"No checkpoint at {path}, starting fresh (checkpoints there after every step and" in said
     assert [_default_checkpoint_every(n) for n in (4, 400, 10**6)] == [1, 20, 1000]
 
 
