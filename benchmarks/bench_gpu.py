@@ -115,7 +115,7 @@ class Report:
 
 
 class Clock:
-    """The run's wall-clock budget: ``over(reserve)`` once fewer than ``reserve`` seconds are left."""
+    """The run's wall-clock budget: ``over(reserve)`` once at most ``reserve`` seconds are left."""
 
     def __init__(self, seconds: float):
         self.end = time.monotonic() + seconds
@@ -156,7 +156,7 @@ def free_memory(device: torch.device) -> None:
 
 @contextlib.contextmanager
 def placed(model: torch.nn.Module, state: dict, device: torch.device):
-    """``model`` with the weights ``state`` on ``device`` inside the block, back on the CPU after."""
+    """``model`` holding ``state`` on ``device`` inside the block, back on the CPU after it."""
     model.load_state_dict(state)
     model.to(device)
     try:
@@ -207,13 +207,13 @@ def synthetic_batch(batch: int, size: Tuple[int, int], device: torch.device):
     images = torch.randn(batch, 3, height, width, generator=g).to(device)
     corners = torch.tensor([[0.1, 0.1, 0.5, 0.6], [0.4, 0.3, 0.9, 0.8], [0.6, 0.05, 0.95, 0.4]])
     boxes = (corners * torch.tensor([width, height, width, height])).to(device)
-    targets = [{"boxes": boxes, "labels": torch.randint(1, NUM_CLASSES, (3,), generator=g).to(device)}
-               for _ in range(batch)]
+    labels = [torch.randint(1, NUM_CLASSES, (3,), generator=g).to(device) for _ in range(batch)]
+    targets = [{"boxes": boxes, "labels": image_labels} for image_labels in labels]
     return images, targets
 
 
 def amp_setup(device: torch.device, amp: bool):
-    """The autocast dtype and gradient scaler that training uses: ``fc.train_one_epoch``'s choice."""
+    """The autocast dtype and gradient scaler of training, as ``fc.train_one_epoch`` picks them."""
     dtype = fc._amp_dtype(device, amp)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     return dtype, scaler
@@ -462,7 +462,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(1)  # steadier on a shared CPU
     report = Report(args.out)
     try:
-        report.add("device", "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name(device))
+        name = "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name(device)
+        report.add("device", name)
         report.add("torch_version", torch.__version__)
         report.add("budget_s", clock.left())
         models = build_models()
