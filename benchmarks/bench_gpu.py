@@ -2,7 +2,7 @@
 
 Run from the repository root on a machine with a CUDA GPU: ``python benchmarks/bench_gpu.py
 [--out FILE] [--budget SECONDS]`` (``make bench-gpu``). ``--dry-run`` runs every part at tiny sizes
-on the CPU (one thread) in well under a minute, to check the script before GPU time is spent on it.
+on the CPU (one thread) in under a minute, to check the script before GPU time is spent on it.
 
 The first line names the device. Then one ``name: value`` line per figure, and at the end the
 same figures as plain-text tables. A value is a number, or the reason there is none: ``oom`` (the
