@@ -7,7 +7,8 @@ on the CPU (one thread) in under a minute, to check the script before GPU time i
 The first line names the device. Then one ``name: value`` line per figure, and at the end the
 same figures as plain-text tables. A value is a number, or the reason there is none: ``oom`` (the
 step ran out of GPU memory), ``skipped (oom at batch B)`` (a larger batch of a configuration that
-already ran out at batch B), ``skipped (time budget)``, ``skipped (dry run)``, ``n/a (cpu)``.
+already ran out at batch B), ``skipped (time budget)``, ``skipped (dry run)``, ``n/a (cpu)``,
+``error (...)`` (any other failure, its traceback on stderr; the run goes on).
 
 1. Training steps ``train_{model}_{H}_b{B}_amp{0,1}_ckpt{0,1}_{images_per_s,peak_mib}``: our
    ResNet-50 + FPN (``fc.fasterrcnn_resnet50_fpn``, 91 classes, layer2..layer4 trained, frozen
@@ -45,6 +46,7 @@ import gc
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -170,7 +172,8 @@ def run_cell(report: Report, prefix: str, measure: Callable[[], dict], over: Cal
              row: dict, batch: int = 0) -> None:
     """Report ``prefix_images_per_s`` and ``prefix_peak_mib`` from ``measure()``, or the reason
     there are none. ``row`` is the configuration's state: its first out-of-memory (at ``batch``)
-    is kept there, and later cells of that row are skipped."""
+    is kept there, and later cells of that row are skipped. Any other error is printed with its
+    traceback and reported as ``error (...)``, and the run goes on."""
     if over():
         values = dict.fromkeys(FIGURES, "skipped (time budget)")
     elif "oom_at" in row:
@@ -180,6 +183,10 @@ def run_cell(report: Report, prefix: str, measure: Callable[[], dict], over: Cal
             values = measure()
         except torch.OutOfMemoryError:  # also torch.cuda.OutOfMemoryError: the same class
             values, row["oom_at"] = dict.fromkeys(FIGURES, "oom"), batch
+        except Exception as err:  # one failed cell must not cost the rest of a GPU run
+            traceback.print_exc()
+            message = " ".join(str(err).split())[:150]  # one line
+            values = dict.fromkeys(FIGURES, f"error ({type(err).__name__}: {message})")
         if "oom_at" in row:  # out of the except block, so the failed step's tensors are gone
             free_memory(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     for figure in FIGURES:
@@ -467,11 +474,11 @@ def main(argv=None) -> None:
         report.add("torch_version", torch.__version__)
         report.add("budget_s", clock.left())
         models = build_models()
-        over = clock.over
+        over = lambda: clock.over(s.notebook_reserve_s)  # noqa: E731  (the notebooks' share)
         nms_section(report, s, over, device)
         inference_section(report, s, over, models, device)
-        train_section(report, s, lambda: clock.over(s.notebook_reserve_s),
-                      training_measurer(models, device, s))
+        train_section(report, s, over, training_measurer(models, device, s))
+        free_memory(device)  # the GPU's cached blocks go back before the notebooks start
         tail = notebooks_section(report, args.dry_run, clock)
         report.add("seconds_left_of_budget", clock.left())
         for table in (train_table(report.values, s), inference_table(report.values, s),

@@ -128,6 +128,19 @@ def test_the_time_budget_skips_every_cell_after_it_runs_out(capsys):
     assert values[6:] == ["skipped (time budget)"] * (len(values) - 6)
 
 
+def test_another_error_is_reported_in_its_cell_and_the_run_goes_on(capsys):
+    def measure():
+        raise RuntimeError("bad\nshape")
+
+    report, row = bench_gpu.Report(), {}
+    bench_gpu.run_cell(report, "cell", measure, lambda: False, row, 2)
+    bench_gpu.run_cell(report, "next", lambda: {"images_per_s": 1.5, "peak_mib": 9.0},
+                       lambda: False, row, 4)
+    captured = capsys.readouterr()
+    assert "cell_images_per_s: error (RuntimeError: bad shape)" in captured.out.splitlines()
+    assert parse(captured.out)["next_peak_mib"] == "9" and "Traceback" in captured.err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_without_a_gpu_the_real_run_asks_for_dry_run(capsys):
     with pytest.raises(SystemExit):
