@@ -103,10 +103,15 @@ def plan(batches):
 
 
 def test_an_out_of_memory_stops_its_row_and_no_other(capsys):
-    calls = []
+    calls, report = [], bench_gpu.Report()
     s = plan((2, 4, 8, 16))
-    bench_gpu.train_section(bench_gpu.Report(), s, lambda: False, fake_measure(4, calls))
+    bench_gpu.train_section(report, s, lambda: False, fake_measure(4, calls))
     figures = parse(capsys.readouterr().out)
+    table = bench_gpu.train_table(report.values, s).splitlines()
+    ours_row = next(line for line in table if re.match(r"32 x 48 +0 +0 +ours +20", line))
+    assert re.search(r"20 / 200 +40 / 400 +oom +skipped \(oom at batch 8\)$", ours_row)
+    ratio_row = next(line for line in table if re.match(r"32 x 48 +0 +0 +ours / torchvision", line))
+    assert ratio_row.split()[-4:] == ["1", "1", "-", "-"]  # no ratio where ours has no figure
     for amp in (False, True):
         ours = [figures[bench_gpu.train_prefix("ours", (32,), b, amp, False) + "_images_per_s"]
                 for b in s.batches]
@@ -139,6 +144,32 @@ def test_another_error_is_reported_in_its_cell_and_the_run_goes_on(capsys):
     captured = capsys.readouterr()
     assert "cell_images_per_s: error (RuntimeError: bad shape)" in captured.out.splitlines()
     assert parse(captured.out)["next_peak_mib"] == "9" and "Traceback" in captured.err
+
+
+def test_the_notebook_test_reports_pass_fail_and_a_timeout(monkeypatch, capsys):
+    import subprocess
+
+    results = iter([subprocess.CompletedProcess([], 0, "1 passed", ""),
+                    subprocess.CompletedProcess([], 1, "", "AssertionError: 05.ipynb"),
+                    subprocess.TimeoutExpired("pytest", 5)])
+
+    def fake_run(command, **kwargs):
+        assert command[-3:] == ["tests/test_full_mode.py", "-k", "every_notebook"]
+        assert kwargs["timeout"] <= 100
+        result = next(results)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    monkeypatch.setattr(bench_gpu.subprocess, "run", fake_run)
+    report = bench_gpu.Report()
+    tails = [bench_gpu.notebooks_section(report, False, bench_gpu.Clock(100)) for _ in range(3)]
+    tails.append(bench_gpu.notebooks_section(report, False, bench_gpu.Clock(10)))  # < 30 s left
+    shown = [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("notebooks_full_mode: ")]
+    assert shown == ["pass", "fail (pytest exit 1)", "fail (stopped by the time budget)",
+                     "skipped (time budget)"]
+    assert tails[0] == "" and "05.ipynb" in tails[1]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
