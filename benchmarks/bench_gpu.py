@@ -465,6 +465,7 @@ def main(argv=None) -> None:
     s = DRY if args.dry_run else REAL
     clock = Clock(s.budget_s if args.budget is None else args.budget)
     device = torch.device("cpu") if args.dry_run else torch.device("cuda")
+    threads = torch.get_num_threads()
     if args.dry_run:
         torch.set_num_threads(1)  # steadier on a shared CPU
     report = Report(args.out)
@@ -488,6 +489,7 @@ def main(argv=None) -> None:
             report.text("\nThe notebook test's last output:\n" + tail)
     finally:
         report.close()
+        torch.set_num_threads(threads)  # as it was, for a caller in the same process (the tests)
 
 
 if __name__ == "__main__":
