@@ -27,8 +27,8 @@ def side_by_side(fns, repeats, warmup=2):
 
 
 def format_value(value) -> str:
-    """A figure as text: ints and strings as they are, floats to 3 significant digits."""
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+    """A figure as text: ints and strings as they are, other numbers to 3 significant digits."""
+    return str(value) if isinstance(value, (int, str)) else f"{value:.3g}"
 
 
 def report(name, value):
