@@ -6,7 +6,7 @@ OUT    ?= out
 # seconds a notebook cell may run before `make run` / `make test` stop it (empty: no limit)
 TIMEOUT ?=
 
-.PHONY: help setup test unit notebooks run bench notebooks-refresh clean
+.PHONY: help setup test unit notebooks run bench bench-gpu notebooks-refresh clean
 .DEFAULT_GOAL := help
 
 ## this list of targets
@@ -52,6 +52,11 @@ bench: setup
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_research.py
 	$(PY) benchmarks/bench_recipe.py
+
+## GPU figures: training memory and speed, inference, NMS, full-mode notebooks (8 min; copy in out/bench_gpu.txt); ARGS=--dry-run: tiny sizes on the CPU (~1 min)
+bench-gpu: setup
+	@mkdir -p $(OUT)
+	$(PY) benchmarks/bench_gpu.py --out $(OUT)/bench_gpu.txt $(ARGS)
 
 ## remove out/ and pytest's cache
 clean:

@@ -26,7 +26,11 @@ def side_by_side(fns, repeats, warmup=2):
     return [statistics.median(t) for t in times]
 
 
+def format_value(value) -> str:
+    """A figure as text: ints and strings as they are, other numbers to 3 significant digits."""
+    return str(value) if isinstance(value, (int, str)) else f"{value:.3g}"
+
+
 def report(name, value):
     """Print one figure as ``name: value`` (3 significant digits for floats)."""
-    text = str(value) if isinstance(value, int) else f"{value:.3g}"
-    print(f"{name}: {text}", flush=True)
+    print(f"{name}: {format_value(value)}", flush=True)
