@@ -1919,6 +1919,11 @@ def _amp_dtype(device: torch.device, amp: bool) -> Optional[torch.dtype]:
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
+def _amp_scaler(device: torch.device, amp: bool) -> Optional[torch.amp.GradScaler]:
+    """The gradient scaler AMP needs: one for float16 (CUDA), None for bfloat16 or no AMP."""
+    return torch.amp.GradScaler("cuda") if _amp_dtype(device, amp) == torch.float16 else None
+
+
 def _to_device(images, targets, device: torch.device):
     non_blocking = device.type == "cuda"
     if isinstance(images, torch.Tensor):
@@ -2046,8 +2051,8 @@ def train_one_epoch(
     state = state if state is not None else TrainState()
     device = torch.device(device)
     amp_dtype = _amp_dtype(device, amp)
-    if amp_dtype == torch.float16 and scaler is None:
-        scaler = torch.amp.GradScaler("cuda")
+    if scaler is None:
+        scaler = _amp_scaler(device, amp)
     model.train()
     batches = _epoch_batches(loader, state)
     first = len(state.history.get("step", []))
@@ -2595,7 +2600,7 @@ def fit(
     total_steps = epochs * steps_per_epoch
     if scheduler is None:
         scheduler = make_scheduler(optimizer, total_steps, warmup_steps, schedule)
-    scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
+    scaler = _amp_scaler(device, amp)
     if checkpoint_path is not None and checkpoint_every is None:
         checkpoint_every = _default_checkpoint_every(total_steps)
     state = _start_state(checkpoint_path, resume, (model, optimizer, scheduler, scaler), epochs,
@@ -3098,11 +3103,16 @@ def saved_activation_bytes(model: nn.Module, *inputs, amp: bool = False) -> Dict
     return by_dtype
 
 
-def _resident_mb(field: str = "VmRSS") -> float:
-    """This process's resident memory (``VmRSS``) or its high-water mark (``VmHWM``), in MiB
-    (Linux's ``/proc/self/status``)."""
-    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
-    return int(status[field].split()[0]) / 1024
+def resident_memory_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory (``VmRSS``) or its high-water mark (``VmHWM``), MiB, from
+    Linux's ``/proc/self/status``. Unlike ``getrusage``'s ``ru_maxrss``, ``VmHWM`` starts afresh
+    in a new program: a child started by a large parent would otherwise report the parent's size
+    as its own peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status (this measurement needs Linux)")
 
 
 def _reset_peak(device: torch.device) -> float:
@@ -3112,14 +3122,14 @@ def _reset_peak(device: torch.device) -> float:
         return torch.cuda.memory_allocated(device) / 2**20
     with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets VmHWM
         f.write("5")
-    return _resident_mb()
+    return resident_memory_mb()
 
 
 def _peak_mb(device: torch.device) -> float:
     """The peak memory of ``device`` since :func:`_reset_peak`, MiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return _resident_mb("VmHWM")
+    return resident_memory_mb("VmHWM")
 
 
 def training_step_memory(*, image_size: int = 96, batch: int = 1, amp: bool = False,
@@ -3151,7 +3161,7 @@ def training_step_memory(*, image_size: int = 96, batch: int = 1, amp: bool = Fa
     targets = [{"boxes": boxes, "labels": torch.tensor([1, 2], device=device)}] * batch
     torch.manual_seed(1)  # the same sampled anchors and ROIs in every configuration
     saved = saved_activation_bytes(model, list(images), targets, amp=amp)
-    scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
+    scaler = _amp_scaler(device, amp)
     base, seconds = _reset_peak(device), None
     for _ in range(steps):
         start = time.perf_counter()
@@ -3738,8 +3748,9 @@ def check_average_precision(yours) -> bool:
     return check_exercise(yours, _ap_at, cases, name="the module's AP")
 
 
-
 _PATH_INK = {"both": "black", "infer": "tab:blue", "train": "tab:red"}
+_OVERVIEW_COLUMNS, _OVERVIEW_TOP, _OVERVIEW_LOW = (0.2, 3.05, 5.9, 8.75, 11.6), 4.4, 1.5
+"""The overview diagram's layout: the left edge of each stage column and the bottom of its two rows."""
 
 
 def _shape(t: Tensor) -> str:
@@ -3776,7 +3787,7 @@ def _overview_stages(image, batch, infer, train, losses, num_anchors, num_gt, de
     split = lambda a, b: [(f"eval:  {_shape(a)}", "infer"), (f"train: {_shape(b)}", "train")]  # noqa: E731
     logits, deltas = infer["rpn_head"]
     pair = lambda key: ", ".join(f"{k} {float(losses[k]):.2f}" for k in key)  # noqa: E731
-    xs, top, low = [0.2, 3.05, 5.9, 8.75, 11.6], 4.4, 1.5
+    xs, top, low = _OVERVIEW_COLUMNS, _OVERVIEW_TOP, _OVERVIEW_LOW
     return [
         (xs[0], top, "image", both([_shape(image), "resized by the dataset", "padded by the model to",
                                     _shape(batch)]), "both", 2.3),
@@ -3841,7 +3852,7 @@ def draw_detector_overview(image: Tensor, batch: Tensor, infer: Dict[str, object
     for x, y, title, lines, path, h in _overview_stages(image, batch, infer, train, losses,
                                                         num_anchors, num_gt, detections):
         _overview_stage(ax, x, y, title, lines, path, h=h)
-    xs, top, low = [0.2, 3.05, 5.9, 8.75, 11.6], 4.4, 1.5
+    xs, top, low = _OVERVIEW_COLUMNS, _OVERVIEW_TOP, _OVERVIEW_LOW
     for a, b in zip(xs[:4], xs[1:]):
         _overview_arrow(ax, (a + 2.45, top + 1.15), (b - 0.05, top + 1.15))
     _overview_arrow(ax, (xs[4] + 1.2, top - 0.05), (xs[4] + 1.2, low + 2.35))

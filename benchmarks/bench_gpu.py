@@ -58,7 +58,7 @@ import torchvision.ops
 import frcnn_common as fc
 import frcnn_ops
 from bench_ops import loop_nms, rpn_like_boxes
-from bench_train import TorchvisionLosses
+from bench_train import TorchvisionLosses, resnet50_fpn
 from twin import torchvision_twin
 
 NUM_CLASSES = 91  # torchvision's COCO head
@@ -198,9 +198,7 @@ def run_cell(report: Report, prefix: str, measure: Callable[[], dict], over: Cal
 def build_models() -> Dict[str, Tuple[torch.nn.Module, dict]]:
     """Ours and torchvision's detector (behind our loss interface) with the same random weights,
     each with a CPU copy of its initial state."""
-    torch.manual_seed(0)
-    ours = fc.fasterrcnn_resnet50_fpn(num_classes=NUM_CLASSES, trainable_layers=3, frozen_bn=True,
-                                      weights_backbone=fc.ResNet50().state_dict())
+    ours = resnet50_fpn(NUM_CLASSES)
     theirs = TorchvisionLosses(torchvision_twin(ours), NUM_CLASSES)
     return {name: (model, {k: v.clone() for k, v in model.state_dict().items()})
             for name, model in (("ours", ours), ("torchvision", theirs))}
@@ -221,9 +219,7 @@ def synthetic_batch(batch: int, size: Tuple[int, int], device: torch.device):
 
 def amp_setup(device: torch.device, amp: bool):
     """The autocast dtype and gradient scaler of training, as ``fc.train_one_epoch`` picks them."""
-    dtype = fc._amp_dtype(device, amp)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return dtype, scaler
+    return fc._amp_dtype(device, amp), fc._amp_scaler(device, amp)
 
 
 # ─── 1. training ───────────────────────────────────────────────────────────────────────────────

@@ -68,12 +68,12 @@ class TorchvisionLosses(torch.nn.Module):
         return losses
 
 
-def resnet50_fpn():
+def resnet50_fpn(num_classes: int = fc.NUM_CLASSES):
     """Our ResNet-50 + FPN as it is fine-tuned from ImageNet weights (frozen BatchNorm, layer2..
-    layer4 trainable), randomly initialised: no download."""
+    layer4 trainable), randomly initialised (seed 0): no download."""
     torch.manual_seed(0)
-    return fc.fasterrcnn_resnet50_fpn(weights_backbone=fc.ResNet50().state_dict(), frozen_bn=True,
-                                      trainable_layers=3)
+    return fc.fasterrcnn_resnet50_fpn(num_classes, weights_backbone=fc.ResNet50().state_dict(),
+                                      frozen_bn=True, trainable_layers=3)
 
 
 def throughput(repeats: int) -> None:
@@ -100,20 +100,9 @@ def rss_child(checkpointing: bool) -> None:
     model.set_gradient_checkpointing(checkpointing)
     images, targets = batch_of_shapes(2, 416)
     optimizer = fc.make_optimizer(model, lr=1e-3)
-    before = memory_mb("VmRSS")
+    before = fc.resident_memory_mb("VmRSS")
     fc.train_one_epoch(model, [(images, targets)], optimizer, device=CPU, amp=False, progress=False)
-    print(json.dumps({"peak_mb": memory_mb("VmHWM"), "before_mb": before}))
-
-
-def memory_mb(field: str) -> float:
-    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, from /proc. Unlike
-    ``getrusage``'s ``ru_maxrss``, ``VmHWM`` starts afresh in a new program: a child started by a
-    large parent would otherwise report the parent's size as its own peak."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"no {field} in /proc/self/status (this benchmark needs Linux)")
+    print(json.dumps({"peak_mb": fc.resident_memory_mb("VmHWM"), "before_mb": before}))
 
 
 def peak_memory() -> None:
