@@ -6,7 +6,7 @@ OUT    ?= out
 # seconds a notebook cell may run before `make run` / `make test` stop it (empty: no limit)
 TIMEOUT ?=
 
-.PHONY: help setup test unit notebooks run bench bench-gpu notebooks-refresh clean
+.PHONY: help setup test test-portable unit notebooks run bench bench-gpu notebooks-refresh clean
 .DEFAULT_GOAL := help
 
 ## this list of targets
@@ -35,7 +35,12 @@ unit: setup
 ## every notebook executed by nbval in fast mode, training progress shown as it runs (TIMEOUT=s per cell)
 notebooks: setup
 	FRCNN_FAST=1 MPLBACKEND=Agg $(PY) tools/with_progress.py $(PY) -m pytest -q --nbval-lax \
+	    --nbval-sanitize-with notebooks/nbval_sanitize.cfg \
 	    -p no:cacheprovider --nbval-cell-timeout=$(or $(TIMEOUT),864000) notebooks
+
+## make test under each instruction-set limit and 1 and 2 threads, as other CPUs run it (6 x make test; TARGET=notebooks)
+test-portable: setup
+	tools/test_portable.sh $(or $(TARGET),test)
 
 ## execute the six notebooks in fast mode (times in README); copies, figures, results in out/ (TIMEOUT=s per cell)
 run: setup

@@ -3543,8 +3543,9 @@ def show_predictions(image: Tensor, target: Dict[str, Tensor], prediction: Dict[
 def setup_notebook(seed: int = 0) -> Tuple[bool, torch.device]:
     """Prepare a notebook in one call and return ``(fast, device)``.
 
-    Fast mode (``FRCNN_FAST=1``, the default without a GPU): the CPU, one thread (measured faster
-    and steadier for the course's small tensors on a shared 2-core machine), synthetic data, no
+    Fast mode (``FRCNN_FAST=1``, the default without a GPU): the CPU, one thread unless
+    ``FRCNN_THREADS`` says otherwise (one was measured faster and steadier for the course's small
+    tensors on a shared 2-core machine), synthetic data, no
     network. Full mode (``FRCNN_FAST=0``, the default with a GPU): ``DEVICE``, COCO from the hub
     or from the folder ``FRCNN_COCO`` names, published weights. Seeds torch, NumPy and Python's
     ``random``, sets a plain plot style, and prints one line saying which mode runs.
@@ -3554,14 +3555,25 @@ def setup_notebook(seed: int = 0) -> Tuple[bool, torch.device]:
     fast = os.environ.get("FRCNN_FAST", "0" if torch.cuda.is_available() else "1") == "1"
     device = torch.device("cpu") if fast else DEVICE
     if fast:
-        torch.set_num_threads(1)
+        torch.set_num_threads(notebook_threads())
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
     plt.rcParams.update({"figure.dpi": 80, "axes.grid": False})
-    print(f"{'FAST' if fast else 'FULL'} mode on {device} "
+    print(f"{'FAST' if fast else 'FULL'} mode on {device}, {torch.get_num_threads()} CPU thread(s) "
           f"(set FRCNN_FAST={0 if fast else 1} before starting Jupyter to switch)")
     return fast, device
+
+
+def notebook_threads() -> int:
+    """The torch CPU threads of a fast-mode notebook's cells: ``FRCNN_THREADS``, else 1.
+
+    ``make test-portable`` runs the notebooks with 1 and 2 to show that no checked output depends
+    on the thread count (another count sums in another order: the last digits of a float move)."""
+    text = os.environ.get("FRCNN_THREADS", "1")
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"FRCNN_THREADS={text!r}: give a whole number of threads, 1 or more")
+    return int(text)
 
 
 def coco_source() -> str:

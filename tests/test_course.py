@@ -183,10 +183,19 @@ def test_setup_notebook_reads_the_mode_and_pins_one_thread_in_fast_mode(monkeypa
     threads = torch.get_num_threads()
     try:
         monkeypatch.setenv("FRCNN_FAST", "1")
+        monkeypatch.delenv("FRCNN_THREADS", raising=False)
         fast, device = fc.setup_notebook(seed=3)
         assert fast and device.type == "cpu" and torch.get_num_threads() == 1
-        assert capsys.readouterr().out.startswith("FAST mode on cpu")
+        assert capsys.readouterr().out.startswith("FAST mode on cpu, 1 CPU thread(s)")
         assert torch.equal(torch.rand(2), (torch.manual_seed(3), torch.rand(2))[1])
+        monkeypatch.setenv("FRCNN_THREADS", "2")
+        fc.setup_notebook()
+        assert torch.get_num_threads() == 2
+        assert capsys.readouterr().out.startswith("FAST mode on cpu, 2 CPU thread(s)")
+        for wrong in ("0", "two", "-1"):
+            monkeypatch.setenv("FRCNN_THREADS", wrong)
+            with pytest.raises(ValueError, match="FRCNN_THREADS"):
+                fc.setup_notebook()
     finally:
         torch.set_num_threads(threads)
 
