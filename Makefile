@@ -22,7 +22,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) -m pip install --disable-pip-version-check --progress-bar off -r requirements.txt 2>&1 | grep -v -e "^WARNING: Location" -e "^Requirement already satisfied" || true
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
-	$(PY) -c "import torch, torchvision, datasets, pycocotools, nbval, matplotlib, tqdm, frcnn_common"
+	$(PY) -c "import torch, torchvision, datasets, pycocotools, nbval, matplotlib, tqdm, frcnn_common, frcnn_engine, frcnn_course"
 	touch $@
 
 ## unit tests, then every notebook executed by nbval in fast mode (CPU, offline; times in README)

@@ -20,22 +20,10 @@ import sys
 
 import torch
 
-from frcnn_common import (
-    HUB_COCO,
-    IMG_SIZE,
-    COCOStreamDataset,
-    SyntheticShapesDataset,
-    FasterRCNN,
-    cleanup_distributed,
-    fasterrcnn_resnet50_fpn,
-    fit,
-    folder_dataset,
-    make_loader,
-    setup_distributed,
-    tiny_detector,
-    transfer_weights,
-    wrap_distributed,
-)
+from frcnn_common import (COCOStreamDataset, FasterRCNN, fasterrcnn_resnet50_fpn, folder_dataset,
+                          HUB_COCO, IMG_SIZE, SyntheticShapesDataset, tiny_detector,
+                          transfer_weights)
+from frcnn_engine import cleanup_distributed, fit, make_loader, setup_distributed, wrap_distributed
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -17,7 +17,7 @@ already ran out at batch B), ``skipped (time budget)``, ``skipped (dry run)``, `
    both see the same pixels), on synthetic images of H x W (800 x 1333 and 400 x 667) with three
    boxes each, batch B, float32 (amp0) or float16 autocast with a gradient scaler (amp1), our
    gradient checkpointing off or on (torchvision's detector has no such switch: ckpt0 only). A
-   step is ``fc.train_step`` (forward, backward, SGD update). Each measurement loads the same
+   step is ``engine.train_step`` (forward, backward, SGD update). Each measurement loads the same
    initial weights, moves that one model to the GPU, runs warm-up steps, resets the peak, times N
    steps between ``torch.cuda.synchronize()`` calls, and moves the model back, so the peak
    (``torch.cuda.max_memory_allocated``, MiB) counts that model's weights, gradients, optimiser
@@ -56,6 +56,7 @@ import torch
 import torchvision.ops
 
 import frcnn_common as fc
+import frcnn_engine as engine
 import frcnn_ops
 from bench_ops import loop_nms, rpn_like_boxes
 from bench_train import TorchvisionLosses, resnet50_fpn
@@ -218,8 +219,8 @@ def synthetic_batch(batch: int, size: Tuple[int, int], device: torch.device):
 
 
 def amp_setup(device: torch.device, amp: bool):
-    """The autocast dtype and gradient scaler of training, as ``fc.train_one_epoch`` picks them."""
-    return fc._amp_dtype(device, amp), fc._amp_scaler(device, amp)
+    """The autocast dtype and gradient scaler of training, as ``engine.train_one_epoch`` picks them."""
+    return engine.amp_dtype(device, amp), engine.amp_scaler(device, amp)
 
 
 # ─── 1. training ───────────────────────────────────────────────────────────────────────────────
@@ -233,10 +234,10 @@ def measure_training(model, state, device, size, batch, amp, checkpointing, s: S
     try:
         with placed(model, state, device):
             model.train()
-            optimizer = fc.make_optimizer(model, lr=1e-4)
+            optimizer = engine.make_optimizer(model, lr=1e-4)
 
             def step():
-                fc.train_step(model, images, targets, optimizer, scaler=scaler, amp_dtype=dtype)
+                engine.train_step(model, images, targets, optimizer, scaler=scaler, amp_dtype=dtype)
 
             for _ in range(s.warmup):
                 step()
@@ -284,7 +285,7 @@ def measure_inference(name, model, state, device, amp, s: Settings) -> dict:
     images, _ = synthetic_batch(s.infer_batch, s.infer_size, device)
     detector = model if name == "ours" else model.detector
     batch = images if name == "ours" else list(images)
-    dtype = fc._amp_dtype(device, amp)
+    dtype = engine.amp_dtype(device, amp)
     with placed(model, state, device), torch.no_grad(), \
             torch.autocast(device.type, dtype=dtype or torch.float32, enabled=amp):
         detector.eval()

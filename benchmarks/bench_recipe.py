@@ -17,6 +17,7 @@ from common import report
 import torch
 
 import frcnn_common as fc
+import frcnn_course as course
 
 RECIPE_STEPS = 850
 RECIPE_LR = 0.12
@@ -45,7 +46,7 @@ def main():
     parser.add_argument("--progress", action="store_true", help="show the step bar")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    run = fc.shapes_experiment(args.steps, seed=args.seed, lr=args.lr, model=recipe_detector(),
+    run = course.shapes_experiment(args.steps, seed=args.seed, lr=args.lr, model=recipe_detector(),
                                threads=args.threads, progress=args.progress)
     report("recipe_map50", run["metrics"]["AP50"])
     report("recipe_ap", run["metrics"]["AP"])

@@ -40,6 +40,8 @@ from common import ROOT, report, side_by_side
 import torch
 
 import frcnn_common as fc
+import frcnn_engine as engine
+import frcnn_course as course
 from twin import torchvision_twin
 
 CPU = torch.device("cpu")
@@ -82,9 +84,9 @@ def throughput(repeats: int) -> None:
     images, targets = batch_of_shapes(2, 416)
 
     def step_fn(model):
-        optimizer = fc.make_optimizer(model, lr=1e-3)
+        optimizer = engine.make_optimizer(model, lr=1e-3)
         batch = [(images, targets)]
-        return lambda: fc.train_one_epoch(model, batch, optimizer, device=CPU, amp=False,
+        return lambda: engine.train_one_epoch(model, batch, optimizer, device=CPU, amp=False,
                                           progress=False)
 
     seconds = side_by_side([step_fn(ours), step_fn(theirs)], repeats, warmup=1)
@@ -99,10 +101,10 @@ def rss_child(checkpointing: bool) -> None:
     model = resnet50_fpn()
     model.set_gradient_checkpointing(checkpointing)
     images, targets = batch_of_shapes(2, 416)
-    optimizer = fc.make_optimizer(model, lr=1e-3)
-    before = fc.resident_memory_mb("VmRSS")
-    fc.train_one_epoch(model, [(images, targets)], optimizer, device=CPU, amp=False, progress=False)
-    print(json.dumps({"peak_mb": fc.resident_memory_mb("VmHWM"), "before_mb": before}))
+    optimizer = engine.make_optimizer(model, lr=1e-3)
+    before = course.resident_memory_mb("VmRSS")
+    engine.train_one_epoch(model, [(images, targets)], optimizer, device=CPU, amp=False, progress=False)
+    print(json.dumps({"peak_mb": course.resident_memory_mb("VmHWM"), "before_mb": before}))
 
 
 def peak_memory() -> None:
@@ -127,17 +129,17 @@ def synthetic_step_by_ops(repeats: int) -> None:
     """Seconds per training step of ``tiny_detector`` on one batch of the recipe: torchvision's
     ops, the pure ops, and the pure ops on 2 threads, steps alternating between the three (same
     model, same batch)."""
-    recipe = fc.SHAPES_RECIPE
+    recipe = course.SHAPES_RECIPE
     data = fc.SyntheticShapesDataset(recipe["batch_size"], recipe["image_size"], seed=0, train=True,
                                      object_size=recipe["object_size"])
-    images, targets = next(iter(fc.make_loader(data, recipe["batch_size"], shuffle=False)))
+    images, targets = next(iter(engine.make_loader(data, recipe["batch_size"], shuffle=False)))
     torch.manual_seed(0)
     model = fc.tiny_detector(data.num_classes).train()
-    optimizer = fc.make_optimizer(model, lr=0.01)
+    optimizer = engine.make_optimizer(model, lr=0.01)
 
     def step(backend, threads=None):
         with fc.ops_backend(backend), fc.cpu_threads(threads):
-            fc.train_step(model, images, targets, optimizer)
+            engine.train_step(model, images, targets, optimizer)
 
     tv, pure, pure_2 = side_by_side([lambda: step("torchvision"), lambda: step("pure"),
                                      lambda: step("pure", 2)], repeats * 4)
@@ -149,7 +151,7 @@ def synthetic_step_by_ops(repeats: int) -> None:
 
 
 def synthetic_proof() -> None:
-    result = fc.shapes_experiment(progress=False)
+    result = course.shapes_experiment(progress=False)
     report("synthetic_map50", result["metrics"]["AP50"])
     report("synthetic_map", result["metrics"]["AP"])
     report("synthetic_train_seconds", result["train_seconds"])
@@ -161,7 +163,7 @@ def r50_curve(steps: int, block: int) -> None:
     data = fc.SyntheticShapesDataset(steps * 2, 192, seed=0, train=True)
     model = fc.fasterrcnn_resnet50_fpn(data.num_classes)
     start = time.perf_counter()
-    history = fc.fit(model, fc.make_loader(data, 2), 1, lr=0.01, warmup_steps=min(50, steps // 5),
+    history = engine.fit(model, engine.make_loader(data, 2), 1, lr=0.01, warmup_steps=min(50, steps // 5),
                      device=CPU, amp=False, max_grad_norm=10.0, progress=False)
     seconds = time.perf_counter() - start
     totals = history["total"]

@@ -24,7 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from frcnn_common import FasterRCNN, SyntheticShapesDataset, coco_map  # noqa: E402
+from frcnn_common import FasterRCNN, SyntheticShapesDataset
+from frcnn_engine import coco_map
 
 NUM_CLASSES = 4  # circle, square, triangle + the background
 IMAGE_SIZE = 128

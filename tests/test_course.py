@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import frcnn_common as fc
+import frcnn_engine as engine
+import frcnn_course as course
 
 
 # ─── exercise checkers: each rejects a typical wrong answer ───────────────────────────────────
@@ -72,7 +74,7 @@ def encode_without_weights(reference, gt, weights):
 
 
 def anchors_with_half_stride_offset(feature_size, stride, sizes, ratios):
-    anchors = fc._anchor_grid(feature_size, stride, sizes, ratios)
+    anchors = course._anchor_grid(feature_size, stride, sizes, ratios)
     return anchors + stride / 2  # centred on the cells, not on their corners as torchvision
 
 
@@ -97,7 +99,7 @@ def ap_best_or_false_positive(boxes, scores, gt_boxes, iou_threshold):
         if iou[d, best] >= iou_threshold and best not in taken:
             taken.add(best)
             hits[d] = True
-    return fc.average_precision(hits, scores, len(gt_boxes))
+    return engine.average_precision(hits, scores, len(gt_boxes))
 
 
 def filter_strictly_above(result, score_threshold):
@@ -110,22 +112,22 @@ def ap_counting_duplicates(boxes, scores, gt_boxes, iou_threshold):
     """AP where every detection overlapping some object counts as correct, duplicates too."""
     hits = (fc.box_iou(boxes, gt_boxes).max(1).values >= iou_threshold) if len(gt_boxes) else \
         torch.zeros(len(boxes), dtype=torch.bool)
-    return fc.average_precision(hits, scores, len(gt_boxes))
+    return engine.average_precision(hits, scores, len(gt_boxes))
 
 
 @pytest.mark.parametrize("checker, right, wrong", [
-    (fc.check_box_iou, fc.box_iou, iou_with_plus_one),
-    (fc.check_nms, nms_by_score, nms_in_index_order),
-    (fc.check_nms, nms_by_score, nms_suppressed_boxes_still_suppress),
-    (fc.check_nms, nms_by_score, nms_at_or_above),
-    (fc.check_nms, nms_by_score, nms_ties_reversed),
-    (fc.check_encode_boxes, fc.encode_boxes, encode_without_weights),
-    (fc.check_anchor_grid, fc._anchor_grid, anchors_with_half_stride_offset),
-    (fc.check_level_mapper, lambda b: fc.ROIAlign().level_of(b, 2, 5) + 2, level_rounded),
-    (fc.check_level_mapper, lambda b: fc.ROIAlign().level_of(b, 2, 5) + 2, level_without_epsilon),
-    (fc.check_average_precision, fc._ap_at, ap_counting_duplicates),
-    (fc.check_average_precision, fc._ap_at, ap_best_or_false_positive),
-    (fc.check_score_filter, fc.keep_scoring, filter_strictly_above),
+    (course.check_box_iou, fc.box_iou, iou_with_plus_one),
+    (course.check_nms, nms_by_score, nms_in_index_order),
+    (course.check_nms, nms_by_score, nms_suppressed_boxes_still_suppress),
+    (course.check_nms, nms_by_score, nms_at_or_above),
+    (course.check_nms, nms_by_score, nms_ties_reversed),
+    (course.check_encode_boxes, fc.encode_boxes, encode_without_weights),
+    (course.check_anchor_grid, course._anchor_grid, anchors_with_half_stride_offset),
+    (course.check_level_mapper, lambda b: fc.ROIAlign().level_of(b, 2, 5) + 2, level_rounded),
+    (course.check_level_mapper, lambda b: fc.ROIAlign().level_of(b, 2, 5) + 2, level_without_epsilon),
+    (course.check_average_precision, course._ap_at, ap_counting_duplicates),
+    (course.check_average_precision, course._ap_at, ap_best_or_false_positive),
+    (course.check_score_filter, fc.keep_scoring, filter_strictly_above),
 ], ids=["iou+1", "nms-unsorted", "nms-suppressed-suppress", "nms->=", "nms-ties-reversed",
         "encode-no-weights", "anchors-offset", "level-rounded", "level-no-epsilon",
         "ap-duplicates", "ap-best-or-fp", "filter->"])
@@ -141,7 +143,7 @@ def test_each_checker_accepts_the_right_answer_and_rejects_a_typical_wrong_one(
 def test_a_checker_reports_an_exception_instead_of_crashing(capsys):
     def broken(a, b):
         raise NotImplementedError("your code here")
-    assert fc.check_box_iou(broken) is False
+    assert course.check_box_iou(broken) is False
     assert "raised NotImplementedError: your code here" in capsys.readouterr().out
 
 
@@ -153,27 +155,27 @@ def test_average_precision_by_hand_equals_pycocotools_ap50():
     for _ in range(10):
         predictions, targets, hits, scores, num_gt = [], [], [], [], 0
         for _image in range(3):
-            gt = fc.random_boxes(int(torch.randint(1, 5, (1,), generator=g)), 100, g)
+            gt = course.random_boxes(int(torch.randint(1, 5, (1,), generator=g)), 100, g)
             near = gt + torch.randn(gt.shape, generator=g)
             near = torch.cat((torch.minimum(near[:, :2], near[:, 2:] - 1), near[:, 2:]), 1)
-            boxes = torch.cat((near, near[:1] + 0.5, fc.random_boxes(3, 100, g)))  # a duplicate
+            boxes = torch.cat((near, near[:1] + 0.5, course.random_boxes(3, 100, g)))  # a duplicate
             score = torch.rand(len(boxes), generator=g)
             ones = torch.ones(len(boxes), dtype=torch.int64)
             predictions.append({"boxes": boxes, "scores": score, "labels": ones})
             targets.append({"boxes": gt, "labels": torch.ones(len(gt), dtype=torch.int64)})
-            hits.append(fc.match_detections(boxes, score, gt, 0.5))
+            hits.append(engine.match_detections(boxes, score, gt, 0.5))
             scores.append(score)
             num_gt += len(gt)
-        ours = fc.average_precision(torch.cat(hits), torch.cat(scores), num_gt)
-        assert ours == pytest.approx(fc.coco_map(predictions, targets)["AP50"], abs=1e-12)
+        ours = engine.average_precision(torch.cat(hits), torch.cat(scores), num_gt)
+        assert ours == pytest.approx(engine.coco_map(predictions, targets)["AP50"], abs=1e-12)
 
 
 def test_a_duplicate_is_a_false_positive_and_no_ground_truth_gives_minus_one():
     gt = torch.tensor([[0.0, 0, 10, 10]])
     boxes = torch.tensor([[0.0, 0, 10, 10], [0.5, 0, 10, 10]])
-    hits = fc.match_detections(boxes, torch.tensor([0.9, 0.8]), gt)
+    hits = engine.match_detections(boxes, torch.tensor([0.9, 0.8]), gt)
     assert hits.tolist() == [True, False]
-    assert fc.average_precision(hits, torch.tensor([0.9, 0.8]), 0) == -1.0
+    assert engine.average_precision(hits, torch.tensor([0.9, 0.8]), 0) == -1.0
 
 
 # ─── notebook set-up and full mode's COCO folder ─────────────────────────────────────────────
@@ -184,41 +186,41 @@ def test_setup_notebook_reads_the_mode_and_pins_one_thread_in_fast_mode(monkeypa
     try:
         monkeypatch.setenv("FRCNN_FAST", "1")
         monkeypatch.delenv("FRCNN_THREADS", raising=False)
-        fast, device = fc.setup_notebook(seed=3)
+        fast, device = course.setup_notebook(seed=3)
         assert fast and device.type == "cpu" and torch.get_num_threads() == 1
         assert capsys.readouterr().out.startswith("FAST mode on cpu, 1 CPU thread(s)")
         assert torch.equal(torch.rand(2), (torch.manual_seed(3), torch.rand(2))[1])
         monkeypatch.setenv("FRCNN_THREADS", "2")
-        fc.setup_notebook()
+        course.setup_notebook()
         assert torch.get_num_threads() == 2
         assert capsys.readouterr().out.startswith("FAST mode on cpu, 2 CPU thread(s)")
         for wrong in ("0", "two", "-1"):
             monkeypatch.setenv("FRCNN_THREADS", wrong)
             with pytest.raises(ValueError, match="FRCNN_THREADS"):
-                fc.setup_notebook()
+                course.setup_notebook()
     finally:
         torch.set_num_threads(threads)
 
 
 def test_full_mode_reads_coco_from_the_folder_frcnn_coco_names(monkeypatch, coco_dir):
     monkeypatch.setenv("FRCNN_COCO", coco_dir)
-    data = fc.COCOStreamDataset("val", source=fc.coco_source(), min_size=64)
+    data = fc.COCOStreamDataset("val", source=course.coco_source(), min_size=64)
     ids = [int(target["image_id"]) for _, target in data]
     assert ids == [101, 102, 103, 104, 105, 106]
     monkeypatch.setenv("FRCNN_COCO", os.path.join(coco_dir, "missing"))
     with pytest.raises(FileNotFoundError, match="FRCNN_COCO"):
-        fc.coco_source()
+        course.coco_source()
     monkeypatch.delenv("FRCNN_COCO")
-    assert fc.coco_source() == fc.HUB_COCO
+    assert course.coco_source() == fc.HUB_COCO
 
 
 def test_notebook_06_alone_saves_its_detector_under_its_own_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    model = fc.shapes_detector("checkpoints/shapes_tiny.pt", progress=False, steps=2,
+    model = course.shapes_detector("checkpoints/shapes_tiny.pt", progress=False, steps=2,
                                batch_size=2, eval_images=4)
     assert not os.path.exists("checkpoints/shapes_tiny.pt")
     assert os.path.exists("checkpoints/shapes_tiny_fallback.pt") and not model.training
-    again = fc.shapes_detector("checkpoints/shapes_tiny.pt")  # loads the fallback, no training
+    again = course.shapes_detector("checkpoints/shapes_tiny.pt")  # loads the fallback, no training
     for a, b in zip(model.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -232,7 +234,7 @@ def test_draw_boxes_puts_the_highest_score_on_top_with_labels_inside_and_apart()
     image = torch.zeros(3, 64, 64)
     boxes = torch.tensor([[0.0, 0, 30, 30], [1, 1, 31, 31], [2, 0, 32, 30], [40, 50, 64, 64]])
     scores = torch.tensor([0.5, 0.9, 0.7, 0.6])
-    ax = fc.draw_boxes(image, boxes, torch.tensor([1, 2, 3, 1]), scores,
+    ax = course.draw_boxes(image, boxes, torch.tensor([1, 2, 3, 1]), scores,
                        class_names=fc.SHAPE_NAMES)
     drawn = [float(text.get_text().split()[-1]) for text in ax.texts]
     assert drawn == pytest.approx(sorted(scores.tolist()), abs=1e-6)  # the last is drawn on top
@@ -263,7 +265,7 @@ def test_draw_detector_overview_writes_the_recorded_shapes_and_names_a_missing_s
     losses = {"rpn_cls": torch.tensor(0.5), "rpn_box": torch.tensor(0.25),
               "roi_cls": torch.tensor(1.5), "roi_box": torch.tensor(0.125)}
     infer, train = stages(30, 5), stages(12, 5)
-    fig = fc.draw_detector_overview(torch.zeros(3, 150, 190), torch.zeros(1, 3, 160, 192), infer, train,
+    fig = course.draw_detector_overview(torch.zeros(3, 150, 190), torch.zeros(1, 3, 160, 192), infer, train,
                                     losses, num_anchors=1234, num_gt=2, detections=torch.zeros(9, 4))
     texts = {t.get_text() for t in fig.axes[0].texts}
     for expected in ("[3, 150, 190]", "P3: 256 x 20 x 24", "C5: 2048 x 5 x 6", "all levels: 1234 anchors",
@@ -274,5 +276,5 @@ def test_draw_detector_overview_writes_the_recorded_shapes_and_names_a_missing_s
     plt.close(fig)
     del train["pooled"]
     with pytest.raises(KeyError, match="pooled"):
-        fc.draw_detector_overview(torch.zeros(3, 150, 190), torch.zeros(1, 3, 160, 192), infer, train,
+        course.draw_detector_overview(torch.zeros(3, 150, 190), torch.zeros(1, 3, 160, 192), infer, train,
                                   losses, 1234, 2, torch.zeros(9, 4))

@@ -448,11 +448,31 @@ def test_collate_with_stream_of_mixed_sizes(hub_dataset):
 # ─── the files beside the module ─────────────────────────────────────────────────────────────
 
 
-@pytest.mark.parametrize("name", ["frcnn_sources", "frcnn_ops"])
-def test_the_files_frcnn_common_imports_do_not_import_it_back(name):
-    """A cycle would break whichever of the two a user imports first."""
+@pytest.mark.parametrize("name, loads", [
+    ("frcnn_ops", ["frcnn_ops"]),
+    ("frcnn_sources", ["frcnn_sources"]),
+    ("frcnn_common", ["frcnn_common", "frcnn_ops", "frcnn_sources"]),
+    ("frcnn_engine", ["frcnn_common", "frcnn_engine", "frcnn_ops", "frcnn_sources"]),
+])
+def test_the_module_files_import_only_those_above_them(name, loads):
+    """ops, sources, then common, engine, course: a cycle would break whichever a user imports
+    first, and the detector must not need the training or notebook code."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = f"import sys, {name}; print(sorted(m for m in sys.modules if m.startswith('frcnn')))"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == repr([name])
+    assert run.stdout.strip() == repr(loads)
+
+
+@pytest.mark.parametrize("name, home", [("fit", "frcnn_engine"), ("coco_map", "frcnn_engine"),
+                                        ("draw_boxes", "frcnn_course"), ("setup_notebook", "frcnn_course")])
+def test_a_name_that_moved_out_of_frcnn_common_names_its_new_home(name, home):
+    import importlib
+
+    import frcnn_common
+
+    with pytest.raises(AttributeError, match=f"moved to {home}.py: import {home} and use {home}.{name}"):
+        getattr(frcnn_common, name)
+    assert callable(getattr(importlib.import_module(home), name))
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        frcnn_common.no_such_name

@@ -10,10 +10,9 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from frcnn_common import (
-    COCO_METRICS, SHAPE_NAMES, COCOStreamDataset, SyntheticShapesDataset, coco_map, draw_boxes,
-    evaluate, frcnn_collate_fn, show_predictions,
-)
+from frcnn_common import COCOStreamDataset, frcnn_collate_fn, SHAPE_NAMES, SyntheticShapesDataset
+from frcnn_engine import coco_map, COCO_METRICS, evaluate
+from frcnn_course import draw_boxes, show_predictions
 
 matplotlib.use("Agg")
 

@@ -9,32 +9,34 @@ import torch
 import torchvision
 
 import frcnn_common as fc
+import frcnn_engine as engine
+import frcnn_course as course
 from conftest import SCENES, expected_objects, write_coco_layout
 
 
 def test_full_mode_settings_read_each_knob_from_the_environment(monkeypatch):
-    for variable in fc.FULL_MODE_KNOBS.values():
+    for variable in course.FULL_MODE_KNOBS.values():
         monkeypatch.delenv(variable, raising=False)
-    assert fc.full_mode_settings() == fc.COCO_RECIPE
+    assert course.full_mode_settings() == course.COCO_RECIPE
     monkeypatch.setenv("FRCNN_STEPS", "20")
     monkeypatch.setenv("FRCNN_IMAGE_SIZE", "256")
-    config = fc.full_mode_settings(batch_size=2)
+    config = course.full_mode_settings(batch_size=2)
     assert (config["steps"], config["image_size"], config["batch_size"]) == (20, 256, 2)
-    assert config["eval_images"] == fc.COCO_RECIPE["eval_images"]
+    assert config["eval_images"] == course.COCO_RECIPE["eval_images"]
 
 
 @pytest.mark.parametrize("text", ["abc", "0", "-3", "2.5"])
 def test_full_mode_settings_refuse_a_bad_value_by_its_name(monkeypatch, text):
     monkeypatch.setenv("FRCNN_BATCH", text)
     with pytest.raises(ValueError, match=f"FRCNN_BATCH={text!r}.*positive whole number"):
-        fc.full_mode_settings()
+        course.full_mode_settings()
 
 
 def test_loader_workers_never_exceed_the_usable_cores():
     cores = len(os.sched_getaffinity(0))
-    assert fc.loader_workers(64) == cores
-    assert fc.loader_workers(1) == 1
-    assert fc.loader_workers(0) == 0
+    assert engine.loader_workers(64) == cores
+    assert engine.loader_workers(1) == 1
+    assert engine.loader_workers(0) == 0
 
 
 def test_predict_in_chunks_gives_the_detections_of_one_batch():
@@ -75,11 +77,11 @@ def test_coco_experiment_trains_scores_and_resumes_from_its_checkpoint(tmp_path,
     write_coco_layout(root, split="val")
     run = dict(source=root, device=torch.device("cpu"), progress=False, batch_size=2,
                image_size=64, eval_images=3, checkpoint_path=str(tmp_path / "coco.pt"))
-    first = fc.coco_experiment(steps=2, **run)
+    first = course.coco_experiment(steps=2, **run)
     assert len(first["history"]["total"]) == 2
     assert os.path.isfile(run["checkpoint_path"]) and 0.0 <= first["metrics"]["AP50"] <= 1.0
     assert first["config"]["image_size"] == 64 and first["held_out"].max_samples == 3
-    again = fc.coco_experiment(steps=3, **run)
+    again = course.coco_experiment(steps=3, **run)
     assert again["history"]["step"][-1] == 3
 
 
@@ -87,8 +89,8 @@ def test_training_step_flops_grow_with_the_batch_and_leave_no_gradients():
     torch.manual_seed(0)
     data = fc.SyntheticShapesDataset(4, 96, seed=0, train=True)
     model = fc.tiny_detector(data.num_classes).eval()
-    one = fc.training_step_flops(model, *fc.frcnn_collate_fn([data[0], data[1]]))
-    two = fc.training_step_flops(model, *fc.frcnn_collate_fn([data[i] for i in range(4)]))
+    one = course.training_step_flops(model, *fc.frcnn_collate_fn([data[0], data[1]]))
+    two = course.training_step_flops(model, *fc.frcnn_collate_fn([data[i] for i in range(4)]))
     assert one > 1e8 and 1.7 < two / one < 2.3  # the ROI head's fixed 512 boxes an image scale too
     assert not model.training and all(p.grad is None for p in model.parameters())
 
@@ -134,17 +136,17 @@ def test_every_notebook_runs_in_full_mode_on_a_simulated_coco(tmp_path, resnet50
 def test_saved_activations_count_an_input_shaped_like_a_weight_and_leave_out_weight_copies():
     layer = torch.nn.Linear(8, 16)
     x = torch.randn(16, 8)  # the shape of the layer's weight, and saved for its gradient
-    assert fc.saved_activation_bytes(layer, x) == {"float32": x.numel() * 4}
+    assert course.saved_activation_bytes(layer, x) == {"float32": x.numel() * 4}
     # under CPU autocast: x's bfloat16 copy is an activation; the weight's copy is not
-    assert fc.saved_activation_bytes(layer, x, amp=True) == {"bfloat16": x.numel() * 2}
+    assert course.saved_activation_bytes(layer, x, amp=True) == {"bfloat16": x.numel() * 2}
 
 
 def test_training_step_memory_measures_a_step_in_a_fresh_process():
-    row = fc.measure_in_fresh_process(image_size=64, batch=1, steps=1, threads=1)
+    row = course.measure_in_fresh_process(image_size=64, batch=1, steps=1, threads=1)
     assert row["saved_mb"] > 1 and row["peak_mb"] > 0 and row["step_s"] > 0
     assert abs(sum(row["saved_by_dtype_mb"].values()) - row["saved_mb"]) < 1e-6
     with pytest.raises(RuntimeError, match="no_such_setting"):  # the child's own error line
-        fc.measure_in_fresh_process(image_size=64, steps=0, no_such_setting=1)
+        course.measure_in_fresh_process(image_size=64, steps=0, no_such_setting=1)
 
 
 def test_an_out_of_memory_in_the_measurement_becomes_a_row_not_a_stop(monkeypatch):
@@ -153,15 +155,15 @@ def test_an_out_of_memory_in_the_measurement_becomes_a_row_not_a_stop(monkeypatc
     failed = subprocess.CompletedProcess([], 1, "", "Traceback ...\ntorch.OutOfMemoryError: "
                                          "CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: failed)
-    row = fc.measure_in_fresh_process(image_size=64)
+    row = course.measure_in_fresh_process(image_size=64)
     assert row["error"] == "out of memory" and "2.00 GiB" in row["detail"]
 
 
 def test_a_time_budget_is_a_knob_unset_by_default(monkeypatch):
     monkeypatch.delenv("FRCNN_MINUTES", raising=False)
-    assert fc.full_mode_settings()["minutes"] is None
+    assert course.full_mode_settings()["minutes"] is None
     monkeypatch.setenv("FRCNN_MINUTES", "45")
-    assert fc.full_mode_settings()["minutes"] == 45
+    assert course.full_mode_settings()["minutes"] == 45
     monkeypatch.setenv("FRCNN_MINUTES", "soon")
     with pytest.raises(ValueError, match="FRCNN_MINUTES='soon'.*the default is not set"):
-        fc.full_mode_settings()
+        course.full_mode_settings()

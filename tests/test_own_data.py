@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import frcnn_common as fc
+import frcnn_engine as engine
+import frcnn_course as course
 from conftest import OWN_NAMES, own_scenes
 
 CPU = torch.device("cpu")
@@ -29,7 +31,7 @@ def test_coco_format_samples_are_the_drawn_objects(own_coco_folder):
         drawn = len(boxes)  # image 5 also has a crowd box, after the drawn ones
         torch.testing.assert_close(target["boxes"][:drawn], boxes)
         assert [data.class_names[i] for i in target["labels"][:drawn]] == [OWN_NAMES[i] for i in labels.tolist()]
-        shown = (fc.unnormalize(image) * 255).permute(2, 0, 1)  # the sample's own pixels
+        shown = (course.unnormalize(image) * 255).permute(2, 0, 1)  # the sample's own pixels
         torch.testing.assert_close(shown, pixels.float(), atol=1.0, rtol=0)
         background = shown[:, 0, 0]  # texture 0: a flat background (and grain)
         for x1, y1, x2, y2 in target["boxes"][:drawn].round().long().tolist():
@@ -69,14 +71,14 @@ def test_own_data_trains_saves_resumes_and_scores_per_class(kind, own_coco_folde
     torch.manual_seed(0)
     model = fc.tiny_detector(train.num_classes)
     path = str(tmp_path / "own.pt")
-    loader = fc.make_loader(train, 2, seed=0)
+    loader = engine.make_loader(train, 2, seed=0)
     run = dict(lr=0.01, steps_per_epoch=2, checkpoint_path=path, device=CPU, amp=False, progress=False)
-    fc.fit(model, loader, 1, **run)
-    history = fc.fit(model, loader, 2, **run)  # resumes from the checkpoint: epoch 2 only
+    engine.fit(model, loader, 1, **run)
+    history = engine.fit(model, loader, 2, **run)  # resumes from the checkpoint: epoch 2 only
     assert len(history["total"]) == 4 and all(torch.isfinite(torch.tensor(history["total"])))
     again = fc.tiny_detector(train.num_classes)
-    fc.load_checkpoint(path, again)
-    metrics = fc.evaluate(again, fc.make_loader(held_out, 4, shuffle=False), progress=False)
+    engine.load_checkpoint(path, again)
+    metrics = engine.evaluate(again, engine.make_loader(held_out, 4, shuffle=False), progress=False)
     present = {held_out.class_names[int(i)] for _, t in held_out for i in t["labels"]}
     assert {k for k in metrics if k.startswith("AP/")} == {f"AP/{n}" for n in present}
     assert all(0.0 <= metrics[f"AP50/{n}"] <= 1.0 for n in present)
@@ -85,7 +87,7 @@ def test_own_data_trains_saves_resumes_and_scores_per_class(kind, own_coco_folde
 def test_finetuning_transfers_all_but_the_new_predictor(own_coco_folder, tmp_path):
     shapes = fc.tiny_detector(len(fc.SHAPE_NAMES))
     path = str(tmp_path / "shapes.pt")
-    fc.save_checkpoint(path, shapes)
+    engine.save_checkpoint(path, shapes)
     mine = fc.tiny_detector(coco_data(own_coco_folder).num_classes + 1)  # 5 classes: a new head
     left = fc.transfer_weights(mine, path)
     assert left and all(k.startswith("roi_heads.predictor.") for k in left)
@@ -131,12 +133,12 @@ def test_train_py_finetunes_a_checkpoint_on_a_folder(own_voc_folder, tmp_path, c
     import train
 
     shapes = str(tmp_path / "shapes.pt")
-    fc.save_checkpoint(shapes, fc.tiny_detector(6))  # 5 classes: the folder has 3
+    engine.save_checkpoint(shapes, fc.tiny_detector(6))  # 5 classes: the folder has 3
     mine = str(tmp_path / "mine.pt")
     train.main(["--data", str(own_voc_folder), "--image-size", "64", "--finetune", shapes,
                 "--steps-per-epoch", "1", "--batch-size", "2", "--no-amp", "--checkpoint", mine])
     assert "loaded all weights but ['roi_heads.predictor." in capsys.readouterr().out
-    fc.load_checkpoint(mine, fc.tiny_detector(4))  # num_classes from the folder: 3 names + 1
+    engine.load_checkpoint(mine, fc.tiny_detector(4))  # num_classes from the folder: 3 names + 1
 
 
 def _voc_copy(folder, tmp_path, old, new, image=None):
@@ -159,7 +161,7 @@ def test_bad_voc_files_name_the_file_object_and_fix(own_voc_folder, tmp_path):
 
 def test_write_shapes_coco_folder_merges_shapes_into_the_named_classes(tmp_path):
     names_of = {1: "disc", 2: "polygon", 3: "polygon"}
-    path = fc.write_shapes_coco_folder(str(tmp_path / "own"), 6, names_of, image_size=96, seed=3)
+    path = course.write_shapes_coco_folder(str(tmp_path / "own"), 6, names_of, image_size=96, seed=3)
     data = fc.CocoFormatDataset(str(tmp_path / "own" / "images"), path, min_size=96)
     assert data.class_names == ["__background__", "disc", "polygon"] and len(data) == 6
     shapes = fc.SyntheticShapesDataset(6, 96, seed=3)

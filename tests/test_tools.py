@@ -42,7 +42,7 @@ def run_tool(args, **env):
 
 
 PROGRESS_CELL = """import os
-with open(os.environ["FRCNN_PROGRESS_FILE"], "a") as f:  # as frcnn_common.ProgressBar does
+with open(os.environ["FRCNN_PROGRESS_FILE"], "a") as f:  # as frcnn_engine.ProgressBar does
     f.write("demo steps: 1/2 [00:00<00:01]\\n")
 print("held-out AP50 = 0.5")"""
 

@@ -16,27 +16,12 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from frcnn_common import (
-    FasterRCNN,
-    TinyBackbone,
-    NonFiniteLossError,
-    SyntheticShapesDataset,
-    TrainState,
-    TrainingInterrupted,
-    _default_checkpoint_every,
-    cleanup_distributed,
-    fit,
-    load_checkpoint,
-    make_loader,
-    make_optimizer,
-    make_scheduler,
-    save_checkpoint,
-    setup_distributed,
-    shapes_experiment,
-    train_one_epoch,
-    unwrap_model,
-    wrap_distributed,
-)
+from frcnn_common import FasterRCNN, SyntheticShapesDataset, TinyBackbone, unwrap_model
+from frcnn_engine import (_default_checkpoint_every, cleanup_distributed, fit, load_checkpoint,
+                          make_loader, make_optimizer, make_scheduler, NonFiniteLossError,
+                          save_checkpoint, setup_distributed, train_one_epoch, TrainingInterrupted,
+                          TrainState, wrap_distributed)
+from frcnn_course import shapes_experiment
 
 from detectors import small_detector
 
@@ -362,11 +347,11 @@ def test_data_that_runs_out_before_steps_per_epoch_is_reported(capsys):
 
 
 def test_progress_bar_copies_its_line_to_the_progress_file(tmp_path, monkeypatch):
-    import frcnn_common
+    import frcnn_engine
 
     copy = tmp_path / "progress.txt"
     monkeypatch.setenv("FRCNN_PROGRESS_FILE", str(copy))
-    monkeypatch.setattr(frcnn_common, "PROGRESS_FILE_SECONDS", 0.0)
+    monkeypatch.setattr(frcnn_engine, "PROGRESS_FILE_SECONDS", 0.0)
     fit(ToyDetector(), make_loader(toy_data(4), 2, shuffle=False), 1, device=CPU, amp=False,
         progress=True)
     lines = copy.read_text().splitlines()

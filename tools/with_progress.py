@@ -3,7 +3,7 @@
 
     python tools/with_progress.py python -m pytest --nbval-lax notebooks      # what `make test` does
 
-The module's progress bars (``frcnn_common.ProgressBar``: training steps, evaluation) append a
+The module's progress bars (``frcnn_engine.ProgressBar``: training steps, evaluation) append a
 plain line (steps done/planned, elapsed<left, losses) to the file that the environment variable
 ``FRCNN_PROGRESS_FILE`` names, every ``PROGRESS_FILE_SECONDS``. A bar drawn inside a notebook's
 kernel reaches only the notebook, so a long cell is silent on the terminal; this sets the variable
