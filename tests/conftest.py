@@ -213,7 +213,7 @@ def own_voc_folder(tmp_path_factory):
         _save(pixels, str(root / "JPEGImages" / f"img{index}.png"))
         objects = "".join(
             f"<object><name>{OWN_NAMES[label]}</name><difficult>{int(index == 0 and k == 0)}"
-            f"</difficult><bndbox><xmin>{x1 + 1:g}</xmin><ymin>{y1 + 1:g}</ymin><xmax>{x2:g}"
+            f"</difficult><bndbox><xmin>{x1:g}</xmin><ymin>{y1:g}</ymin><xmax>{x2:g}"
             f"</xmax><ymax>{y2:g}</ymax></bndbox></object>"
             for k, ((x1, y1, x2, y2), label) in enumerate(zip(boxes.tolist(), labels.tolist())))
         (root / "Annotations" / f"img{index}.xml").write_text(
