@@ -496,7 +496,7 @@ def _coco_box(path: str, ann: dict, size, notes: _Notes) -> Optional[List[float]
     fix = "A COCO bbox is [x, y, width, height] in pixels"
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
         raise _bad_file(where, f"has bbox {bbox!r}, not four numbers", fix)
-    x, y, w, h = (_number(v, f"{where} bbox {bbox}: {v!r}", fix) for v in bbox)
+    x, y, w, h = (_number(v, f"{where} bbox {bbox}", fix) for v in bbox)
     if w <= 0 or h <= 0:
         return None
     box = [x, y, x + w, y + h]
