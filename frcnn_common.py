@@ -266,8 +266,9 @@ from frcnn_ops import (  # noqa: E402, F401  (here, in the section they belong t
 
 # Reading COCO's files, from the hub or from disk, lives in ``frcnn_sources.py``: it opens every
 # kind of source into rows and a function that turns a row into a record (image, boxes, labels).
-from frcnn_sources import (HUB_COCO, _open_image, check_hub, open_source,  # noqa: E402, F401
-                           read_coco_file, read_voc_folder, unreachable_reason)
+from frcnn_sources import (HUB_COCO, _open_image, check_hub, export_line,  # noqa: E402, F401
+                           find_export, open_source, read_coco_file, read_voc_folder,
+                           unreachable_reason, upright)
 
 
 SHAPE_NAMES = ["__background__", "circle", "square", "triangle"]
@@ -663,19 +664,23 @@ class CocoFormatDataset(_RecordDataset):
 
     ``class_names`` is ``["__background__", *the file's category names in id order]`` and
     ``num_classes`` its length (background included): pass it to the detector. Category ids need
-    not be contiguous; labels are positions in ``class_names``. Boxes ``[x, y, w, h]`` become
-    ``x1, y1, x2, y2``; boxes of zero width or height are dropped (counted in ``dropped_boxes``,
-    with a warning), never trained on. ``iscrowd`` is kept: crowd regions are dropped in training
-    mode and ignored by :func:`frcnn_engine.evaluate`. Images without annotations are kept unless
-    ``skip_empty``. Samples are those of :class:`COCOStreamDataset`, with its options ``resize``,
+    not be contiguous; labels are positions in ``class_names``; a category that only groups the
+    others (Roboflow's category 0) is not a class. Boxes ``[x, y, w, h]`` become ``x1, y1, x2,
+    y2``; boxes of zero width or height are dropped (counted in ``dropped_boxes``, with a
+    warning), never trained on; boxes a pixel or two past the edge are clipped (one warning).
+    Images are read upright (EXIF orientation applied, see ``frcnn_sources.upright``) and checked
+    against the file's width and height. ``iscrowd`` is kept: crowd regions are dropped in
+    training mode and ignored by :func:`frcnn_engine.evaluate`. Images without annotations are
+    kept unless ``skip_empty``. Samples are those of :class:`COCOStreamDataset`, with its options ``resize``,
     ``min_size``, ``max_size``, ``train`` (default False), ``flip_prob``, ``skip_empty``.
 
     Args:
-        image_dir: the folder that the file's ``file_name`` entries are relative to.
+        image_dir: the folder that the file's ``file_name`` entries are relative to, or a list of
+            folders tried in order (:func:`folder_dataset` passes the ones an export may use).
         annotation_file: the COCO-format ``.json``, read with pycocotools' ``COCO``.
     """
 
-    def __init__(self, image_dir: str, annotation_file: str, *, resize: Optional[str] = "shorter",
+    def __init__(self, image_dir, annotation_file: str, *, resize: Optional[str] = "shorter",
                  min_size: int = IMG_SIZE, max_size: Optional[int] = None, train: bool = False,
                  flip_prob: Optional[float] = None, skip_empty: Optional[bool] = None):
         class_names, records, self.dropped_boxes = read_coco_file(image_dir, annotation_file)
@@ -690,17 +695,20 @@ class CocoFormatDataset(_RecordDataset):
 class VOCFormatDataset(_RecordDataset):
     """Samples of a Pascal VOC folder (what labelling tools write), map-style.
 
-    The folder holds ``Annotations/*.xml``, ``JPEGImages/`` and, when present,
-    ``ImageSets/Main/{split}.txt`` (one image id a line); without split files every annotation is
-    read. ``class_names`` default: ``["__background__", *the object names found, sorted]``;
+    The folder holds the ``.xml`` files in ``Annotations/`` (or at its top, beside the images, as
+    LabelImg saves them), the images in ``JPEGImages/``, ``images/``, beside the .xml or in the
+    ``<folder>`` it names, and, when present, ``ImageSets/Main/{split}.txt`` (one image id a
+    line; ``split`` ``None`` takes the only one); without split files every .xml is read.
+    ``class_names`` default: ``["__background__", *the object names found, sorted]``;
     ``num_classes`` counts the background. VOC's ``difficult`` objects become crowd-like
-    (``iscrowd = 1``): dropped in training mode, ignored by :func:`frcnn_engine.evaluate`. Corners
-    ``xmin..xmax`` (1-based, inclusive) become ``x1 = xmin - 1, x2 = xmax`` (pixel edges). Samples
-    and options (``resize``, ``min_size``, ``max_size``, ``train``, ``flip_prob``,
-    ``skip_empty``) are those of :class:`CocoFormatDataset`.
+    (``iscrowd = 1``): dropped in training mode, ignored by :func:`frcnn_engine.evaluate`.
+    Corners are pixel edges, ``x1 = xmin, x2 = xmax``, as LabelImg, CVAT, Label Studio and makesense.ai write them
+    (their exporters write ``xmax = x + width``; see ``frcnn_sources``). Images are read upright
+    as in :class:`CocoFormatDataset`, whose samples and options (``resize``, ``min_size``,
+    ``max_size``, ``train``, ``flip_prob``, ``skip_empty``) these are.
     """
 
-    def __init__(self, root: str, split: str = "train",
+    def __init__(self, root: str, split: Optional[str] = None,
                  class_names: Optional[Sequence[str]] = None, *,
                  resize: Optional[str] = "shorter", min_size: int = IMG_SIZE,
                  max_size: Optional[int] = None, train: bool = False,
@@ -711,22 +719,26 @@ class VOCFormatDataset(_RecordDataset):
                          skip_empty=skip_empty)
 
 
-def folder_dataset(folder: str, split: str = "train", **options) -> Dataset:
-    """The dataset of your own folder: :class:`VOCFormatDataset` when it has ``Annotations/``,
-    else :class:`CocoFormatDataset` over ``{split}.json``, ``annotations.json`` or the folder's one
-    ``.json``, with the images in ``images/`` (or the folder itself). ``options`` are the
-    datasets' sample options (``train``, ``resize``, ``min_size``, ...)."""
-    if os.path.isdir(os.path.join(folder, "Annotations")):
-        return VOCFormatDataset(folder, split, **options)
-    files = [os.path.join(folder, f"{split}.json"), os.path.join(folder, "annotations.json")]
-    found = [f for f in files if os.path.isfile(f)] or sorted(glob.glob(os.path.join(folder, "*.json")))
-    if len(found) != 1 and not any(os.path.isfile(f) for f in files):
-        raise FileNotFoundError(
-            f"{folder} is neither a Pascal VOC folder (Annotations/, JPEGImages/) nor a COCO-format "
-            f"folder with one annotation file ({split}.json or annotations.json; .json files "
-            f"found: {found}): name the annotation file {split}.json")
-    images = os.path.join(folder, "images")
-    return CocoFormatDataset(images if os.path.isdir(images) else folder, found[0], **options)
+def folder_dataset(folder: str, split: Optional[str] = None, *, verbose: bool = True,
+                   **options) -> Dataset:
+    """The dataset of a labelling tool's export ``folder``, unzipped as it came.
+
+    ``frcnn_sources.find_export`` recognises the layouts of CVAT (COCO 1.0, Pascal VOC 1.1),
+    Label Studio (COCO, Pascal VOC XML), Roboflow (COCO), LabelImg, makesense.ai and the official
+    COCO layout: a :class:`VOCFormatDataset` or a :class:`CocoFormatDataset`. ``split`` names one
+    split (annotation file or split file) where the folder holds several; the error lists them.
+    ``verbose`` prints one line saying which layout and files were taken (also kept as the
+    dataset's ``layout``). ``options`` are the datasets' sample options (``train``, ``resize``, ...).
+    """
+    export = find_export(folder, split)
+    if export["format"] == "voc":
+        data = VOCFormatDataset(export["root"], export["split"], **options)
+    else:
+        data = CocoFormatDataset(export["image_dirs"], export["file"], **options)
+    data.layout = export_line(folder, export, data.records)
+    if verbose:
+        print(data.layout, flush=True)
+    return data
 
 
 # Batching ──────────────────────────────────────────────────────────────────────────────────────

@@ -19,15 +19,19 @@ kept beside the module as torchvision keeps its datasets apart from its models.
 
 from __future__ import annotations
 
+import difflib
 import glob
 import io
 import json
+import math
 import os
+import re
+import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 HUB_COCO = "detection-datasets/coco"
 """The Hugging Face hub copy of COCO 2017 that ``COCOStreamDataset`` streams by default: splits
@@ -231,11 +235,6 @@ def _read_coco_layout(root: str, split: str, class_names: Sequence[str]) -> List
     return [{**record, "labels": to_label[record["labels"]]} for record in records]
 
 
-def _open_image(record: dict) -> dict:
-    """A COCO-layout record with its image file opened (decoded later, only if kept)."""
-    return {**record, "image": Image.open(record["image"])}
-
-
 class _HubRecords:
     """Turns a row of the hub's schema into a record: image (PIL), image_id, boxes x1 y1 x2 y2,
     labels 1..80 (``label_of`` maps the row's ClassLabel indices), the annotation area."""
@@ -247,6 +246,8 @@ class _HubRecords:
         image, objects = row["image"], row["objects"]
         if isinstance(image, dict):  # undecoded {"bytes", "path"}
             image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
+        size = (row["width"], row["height"]) if row.get("width") and row.get("height") else None
+        image = upright(image, size)  # as the annotation's width and height describe it
         if isinstance(objects, list):  # a list of dicts rather than a dict of lists
             objects = {key: [o[key] for o in objects] for key in ("bbox", "category")}
         categories = objects["category"]
@@ -259,11 +260,182 @@ class _HubRecords:
                 "iscrowd": None}
 
 
-# Your own data: COCO-format and Pascal VOC folders ─────────────────────────────────────────────
+# Your own data: images upright, and what an annotation may say about them ─────────────────────
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+"""Extensions tried, in this order, for an image named without one (Label Studio's VOC export)."""
+
+OVERSHOOT_PX = 2.0
+"""How far a box may run past its image's edge and still be clipped to it. Tools round corners to
+whole pixels and scale percentages (Label Studio) or floats (CVAT) into pixels, so a box drawn to
+the edge can end a pixel or two beyond it; torchvision's detection reference and detectron2 clip
+every box to its image too. A box further out is refused: it means a wrong image or size."""
+
+_TURNED = (5, 6, 7, 8)  # EXIF orientations that turn an image by 90 degrees (width, height swap)
 
 
-def _bad_file(path: str, what: str, fix: str) -> ValueError:
-    return ValueError(f"{path}: {what}. {fix}")
+def _bad_file(where: str, what: str, fix: str) -> ValueError:
+    return ValueError(f"{where}: {what}. {fix}")
+
+
+def _misspelt(key: str, present) -> str:
+    """`` ('x' looks like it, misspelt)`` when one of ``present`` is close to ``key``, else ``''``."""
+    close = difflib.get_close_matches(key, [str(k) for k in present], n=1, cutoff=0.6)
+    return f" ({close[0]!r} looks like it, misspelt)" if close else ""
+
+
+def _number(value, where: str, fix: str) -> float:
+    """``value`` (a number or a numeric string) as a finite float, else an error naming ``where``."""
+    try:
+        number = math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise _bad_file(where, f"is {value!r}, not a number", fix)
+    return number
+
+
+def _given_size(width, height, where: str) -> Optional[Tuple[float, float]]:
+    """The (width, height) an annotation gives its image; ``None`` when either is missing, empty,
+    null or 0 (tools write these when they did not know it): the image file says it then."""
+    if any(v is None or (isinstance(v, str) and not v.strip()) for v in (width, height)):
+        return None
+    fix = "Give the image's width and height in pixels, or leave them out to read them from the image"
+    size = (_number(width, f"{where} width", fix), _number(height, f"{where} height", fix))
+    return None if 0 in size else size
+
+
+class _Notes:
+    """What reading one annotation source mended, counted, and said in one warning per kind."""
+
+    TEXT = {"clipped": f"boxes ran past their image's edge by at most {OVERSHOOT_PX:g} px (corners "
+                       "rounded by the labelling tool) and were clipped to it",
+            "stored": "images have an EXIF orientation that turns them, but their annotation gives "
+                      "the stored (unturned) width and height, as a tool that ignores EXIF shows "
+                      "them: they are read as stored, so that the boxes stay on their objects"}
+
+    def __init__(self):
+        self.count: dict = {}
+        self.first: dict = {}
+
+    def add(self, kind: str, example: str) -> None:
+        self.count[kind] = self.count.get(kind, 0) + 1
+        self.first.setdefault(kind, example)
+
+    def warn(self, source: str) -> None:
+        for kind, count in self.count.items():
+            warnings.warn(f"{source}: {count} {self.TEXT[kind]} (first: {self.first[kind]})",
+                          stacklevel=3)
+
+
+def _orientation(image) -> int:
+    """The EXIF orientation of a PIL image (1, upright as stored, when it has none)."""
+    try:
+        return int(image.getexif().get(0x0112, 1))
+    except (OSError, ValueError, TypeError):  # a damaged EXIF block: take the pixels as stored
+        return 1
+
+
+def _labelled_as_stored(image, orientation: int, size) -> bool:
+    """Whether an annotation giving ``size`` (width, height) describes the stored pixels of a
+    non-square ``image`` that its EXIF ``orientation`` turns by 90 degrees."""
+    return (orientation in _TURNED and size is not None and image.width != image.height
+            and tuple(size) == image.size)
+
+
+def upright(image, size=None):
+    """``image`` turned as its EXIF orientation says (``ImageOps.exif_transpose``): a phone's
+    portrait photo is stored sideways, and labelling tools (CVAT, Label Studio, makesense.ai in
+    the browser, Roboflow on upload) show and label it upright. Kept as stored only when ``size``,
+    the annotation's (width, height), is the stored size of an image turned by 90 degrees: the
+    tool (LabelImg, for one) showed the stored pixels then."""
+    orientation = _orientation(image)
+    if orientation == 1 or _labelled_as_stored(image, orientation, size):
+        return image
+    return ImageOps.exif_transpose(image)
+
+
+def _open_image(record: dict) -> dict:
+    """A record with its image file opened upright (:func:`upright`, given the record's ``size``)."""
+    return {**record, "image": upright(Image.open(record["image"]), record.get("size"))}
+
+
+def _checked_size(path: str, given, where: str, notes: _Notes) -> Tuple[float, float]:
+    """(width, height) of the image file ``path`` as its annotation describes it: upright, or as
+    stored where :func:`upright` keeps it so (counted in ``notes``). ``given`` (the annotation's
+    size) ``None``: read from the file. Any other size than the file's is an error naming both."""
+    try:
+        with Image.open(path) as image:
+            orientation, stored = _orientation(image), image.size
+            as_stored = _labelled_as_stored(image, orientation, given)
+    except (OSError, SyntaxError) as err:  # PIL.UnidentifiedImageError is an OSError
+        raise _bad_file(where, f"{path} is not an image Pillow can read ({err})",
+                        "Put the exported image file there") from None
+    turned = stored[::-1] if orientation in _TURNED else stored
+    if given is None or tuple(given) == turned:
+        return turned
+    if as_stored:
+        notes.add("stored", f"{path}, EXIF orientation {orientation}")
+        return stored
+    how = (f" upright (EXIF orientation {orientation} turns the stored {stored[0]} x {stored[1]})"
+           if orientation in _TURNED else "")
+    raise _bad_file(where, f"gives its image as {given[0]:g} x {given[1]:g} px, but {path} is "
+                    f"{turned[0]} x {turned[1]} px{how}", "Fix the width and height, or put the "
+                    "image that was labelled there")
+
+
+def _fitted_box(box: List[float], size, where: str, what: str, notes: _Notes) -> List[float]:
+    """``box`` (x1, y1, x2, y2) in an image of ``size`` (width, height): clipped to the image when
+    it overshoots by at most :data:`OVERSHOOT_PX` (counted in ``notes``); an error beyond."""
+    width, height = size
+    over = max(-box[0], -box[1], box[2] - width, box[3] - height)
+    if over > OVERSHOOT_PX:
+        raise _bad_file(where, f"{what} lies outside its {width:g} x {height:g} px image by "
+                        f"{over:g} px", "Fix the box, or the image's width and height")
+    if over > 0:
+        notes.add("clipped", where)
+        box = [max(box[0], 0.0), max(box[1], 0.0), min(box[2], width), min(box[3], height)]
+    return box
+
+
+def find_image(dirs: Sequence[str], name: str) -> Optional[str]:
+    """The first ``dir/name`` that is a file, over ``dirs`` in order; then the same with the base
+    name of ``name`` (tools write paths of the annotator's machine, or URLs); a name without an
+    image extension is also tried with each of :data:`IMAGE_EXTENSIONS`. ``None`` if none is."""
+    name = name.strip().replace("\\", "/")
+    names = [name] + ([name.rsplit("/", 1)[1]] if "/" in name else [])
+    if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+        names += [n + ext for n in names for ext in IMAGE_EXTENSIONS + tuple(
+            e.upper() for e in IMAGE_EXTENSIONS)]
+    for candidate in names:
+        for folder in dirs:
+            path = os.path.join(folder, candidate)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+# Your own data: COCO-format files ─────────────────────────────────────────────────────────────
+
+_COCO_KEYS = {"images": ("id", "file_name"), "annotations": ("id", "image_id", "category_id", "bbox"),
+              "categories": ("id", "name")}
+
+
+def _check_coco_keys(path: str, data: dict) -> None:
+    """An error naming the entry, the key it lacks (and a key that looks like it, misspelt) for
+    any entry of ``data`` without the keys that pycocotools and the reader need."""
+    for part, keys in _COCO_KEYS.items():
+        for number, entry in enumerate(data[part]):
+            where = f"{path}: {part}[{number}]"
+            if not isinstance(entry, dict):
+                raise _bad_file(where, f"is {entry!r}, not an object",
+                                f"Each entry of {part!r} is an object with keys {list(keys)}")
+            missing = [k for k in keys if k not in entry]
+            if missing:
+                raise _bad_file(f"{where} (id {entry.get('id')})", f"has no key {missing[0]!r}"
+                                f"{_misspelt(missing[0], entry)}; its keys: {sorted(map(str, entry))}",
+                                f"Every entry of {part!r} needs {list(keys)}: rename the key, or "
+                                "export the file again")
 
 
 def _load_coco_json(path: str):
@@ -279,7 +451,7 @@ def _load_coco_json(path: str):
     if os.path.getsize(path) == 0:
         raise _bad_file(path, "the file is empty", "Export the annotations again (COCO format)")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise _bad_file(path, f"not valid JSON ({err})", "Export it again in COCO format") from None
@@ -289,6 +461,7 @@ def _load_coco_json(path: str):
         raise _bad_file(path, f"not in COCO's format: no list {missing} at the top level",
                         "A COCO detection file is {\"images\": [...], \"annotations\": [...], "
                         "\"categories\": [...]}; export it in that format")
+    _check_coco_keys(path, data)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
@@ -296,96 +469,198 @@ def _load_coco_json(path: str):
     return coco
 
 
-def _image_size(record: dict, path: str) -> Tuple[int, int]:
-    """(width, height) of an image record, read from the file's header when the record has none."""
-    if "width" in record and "height" in record:
-        return int(record["width"]), int(record["height"])
-    with Image.open(path) as image:
-        return image.size
+def _coco_classes(path: str, data: dict) -> Tuple[List[str], dict]:
+    """``(class_names, label of each category id)``, categories in id order. A category that no
+    annotation uses and that is another category's supercategory (Roboflow's category 0, named
+    after the dataset) is not a class: a warning says so."""
+    categories = data["categories"]
+    for number, c in enumerate(categories):
+        _number(c["id"], f"{path}: categories[{number}] id", "Category ids are numbers")
+    used = {a["category_id"] for a in data["annotations"]}
+    parents = {c.get("supercategory") for c in categories if c.get("supercategory") != c["name"]}
+    groups = [c for c in categories if c["id"] not in used and c["name"] in parents]
+    if groups:
+        named = ", ".join(f"{c['id']} {c['name']!r}" for c in groups)
+        warnings.warn(f"{path}: category {named} "
+                      "is not a class: no annotation uses it and it is the supercategory of the "
+                      "others (Roboflow names it after the dataset)", stacklevel=3)
+    kept = sorted((c for c in categories if c not in groups), key=lambda c: float(c["id"]))
+    return ["__background__", *(str(c["name"]) for c in kept)], {
+        c["id"]: i + 1 for i, c in enumerate(kept)}
 
 
-def read_coco_file(image_dir: str, annotation_file: str, check_boxes: bool = True
+def _coco_box(path: str, ann: dict, size, notes: _Notes) -> Optional[List[float]]:
+    """x1, y1, x2, y2 of an annotation's ``[x, y, w, h]`` (fitted to ``size`` when given), or
+    ``None`` for a box of zero or negative width or height."""
+    where, bbox = f"{path}: annotation {ann['id']}", ann["bbox"]
+    fix = "A COCO bbox is [x, y, width, height] in pixels"
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        raise _bad_file(where, f"has bbox {bbox!r}, not four numbers", fix)
+    x, y, w, h = (_number(v, f"{where} bbox {bbox}", fix) for v in bbox)
+    if w <= 0 or h <= 0:
+        return None
+    box = [x, y, x + w, y + h]
+    return box if size is None else _fitted_box(box, size, where, f"bbox {bbox} ([x, y, w, h])",
+                                                notes)
+
+
+def _coco_record(path: str, image: dict, anns: List[dict], label_of: dict, dirs: List[str],
+                 notes: Optional[_Notes]) -> dict:
+    """The record of one image of a COCO-format file (see :func:`read_coco_file`), with the count
+    of its degenerate boxes as ``dropped``; ``notes`` ``None``: no check against the image."""
+    where = f"{path}: image {image['id']}"
+    name = image["file_name"]
+    file = find_image(dirs, name) if isinstance(name, str) and name.strip() else None
+    if file is None:
+        raise FileNotFoundError(f"{where} is file_name {name!r}, but no such image is in {dirs}. "
+                                "Pass the folder holding the images as image_dir, or fix file_name")
+    given = _given_size(image.get("width"), image.get("height"), where)
+    size = None if notes is None else _checked_size(file, given, where, notes)
+    rows, dropped = [], 0
+    for ann in anns:
+        if ann["category_id"] not in label_of:
+            raise _bad_file(f"{path}: annotation {ann['id']}", f"has category_id "
+                            f"{ann['category_id']!r}, which is not among the file's categories "
+                            f"(ids {list(label_of)})", "Add that category or fix the id")
+        box = _coco_box(path, ann, size, notes)
+        if box is None:
+            dropped += 1
+            continue
+        area, crowd = ann.get("area"), ann.get("iscrowd")
+        fix = f"Give a number, or leave the key out (annotation {ann['id']})"
+        rows.append((*box, label_of[ann["category_id"]],
+                     (box[2] - box[0]) * (box[3] - box[1]) if area is None else
+                     _number(area, f"{path}: annotation {ann['id']} area", fix),
+                     0 if crowd is None else _number(crowd, f"{path}: annotation {ann['id']} "
+                                                             "iscrowd", fix)))
+    table = np.array(rows, dtype=np.float64).reshape(-1, 7)
+    return {"image": file, "image_id": image["id"], "boxes": table[:, :4],
+            "labels": table[:, 4].astype(np.int64), "area": table[:, 5],
+            "iscrowd": table[:, 6].astype(np.int64), "size": given, "dropped": dropped}
+
+
+def read_coco_file(image_dir, annotation_file: str, check_boxes: bool = True
                    ) -> Tuple[List[str], List[dict], int]:
-    """``(class_names, records, dropped)`` of a COCO-format annotation file over ``image_dir``.
+    """``(class_names, records, dropped)`` of a COCO-format annotation file.
 
-    ``class_names`` is ``["__background__", *category names in id order]``; a category's label is
-    its position there, so sparse ids (1, 5, 17) become labels 1, 2, 3. One record per image (in
-    the file's order, images without annotations included), as :func:`open_source`'s records:
-    the image's path, ``boxes`` [G, 4] x1, y1, x2, y2 (from COCO's ``[x, y, w, h]``), ``labels``,
-    ``area``, ``iscrowd``. ``dropped`` counts boxes of zero or negative width or height, left out.
-    Raises an error naming the file, the record and the fix for a missing image, an unknown
-    category or image id, or (``check_boxes``) a box outside its image by more than 1 px.
+    ``image_dir``: the folder the file's ``file_name`` entries are relative to, or a list of
+    folders tried in order (see :func:`find_image`). ``class_names`` is ``["__background__",
+    *category names in id order]`` (see :func:`_coco_classes`); a label is a position there, so
+    sparse ids (1, 5, 17) become labels 1, 2, 3. One record per image (in the file's order, those
+    without annotations included), as :func:`open_source`'s, with the annotation's ``size``
+    (width, height; ``None`` if not given). ``dropped`` counts boxes of zero width or height, left
+    out. With ``check_boxes``, each image is checked against its size and boxes overshooting it
+    by rounding are clipped (:func:`_fitted_box`). Errors name the file, the record and the fix.
     """
     coco = _load_coco_json(annotation_file)
-    if not coco.dataset["images"]:
+    data = coco.dataset
+    if not data["images"]:
         raise _bad_file(annotation_file, "lists no images", "A COCO-format file needs 'images', "
                         "'annotations' and 'categories'; export it with its images")
-    stray = [a for a in coco.dataset["annotations"] if a.get("image_id") not in coco.imgs]
+    stray = [a for a in data["annotations"] if a["image_id"] not in coco.imgs]
     if stray:
-        raise _bad_file(annotation_file, f"annotation {stray[0].get('id')} refers to image_id "
-                        f"{stray[0].get('image_id')}, which is not in the file's images",
+        raise _bad_file(annotation_file, f"annotation {stray[0]['id']} refers to image_id "
+                        f"{stray[0]['image_id']!r}, which is not in the file's images",
                         "Add the image or remove the annotation")
-    categories = sorted(coco.dataset["categories"], key=lambda c: c["id"])
-    class_names = ["__background__", *(str(c["name"]) for c in categories)]
-    label_of = {c["id"]: i + 1 for i, c in enumerate(categories)}
-    records, dropped = [], 0
-    for image in coco.dataset["images"]:
-        path = os.path.join(image_dir, image["file_name"])
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{annotation_file}: image {image['id']} is file_name "
-                                    f"{image['file_name']!r}, but {path} does not exist. Pass the "
-                                    "folder holding the images as image_dir, or fix file_name")
-        width, height = _image_size(image, path) if check_boxes else (0, 0)
-        rows = []
-        for ann in coco.imgToAnns.get(image["id"], []):
-            if ann["category_id"] not in label_of:
-                raise _bad_file(annotation_file, f"annotation {ann.get('id')} has category_id "
-                                f"{ann['category_id']}, which is not among the file's categories (ids "
-                                f"{sorted(label_of)})", "Add that category or fix the id")
-            x, y, w, h = (float(v) for v in ann["bbox"])
-            if w <= 0 or h <= 0:
-                dropped += 1
-                continue
-            if check_boxes and (x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1):
-                raise _bad_file(annotation_file, f"annotation {ann.get('id')} has bbox "
-                                f"{ann['bbox']} ([x, y, w, h]) outside its image {image['id']} "
-                                f"({width} x {height} px)", "Boxes are [x, y, width, height] in "
-                                "pixels: fix the box, or the image's width and height")
-            rows.append((x, y, x + w, y + h, label_of[ann["category_id"]],
-                         float(ann.get("area", w * h)), int(ann.get("iscrowd", 0))))
-        table = np.array(rows, dtype=np.float64).reshape(-1, 7)
-        records.append({"image": path, "image_id": image["id"], "boxes": table[:, :4],
-                        "labels": table[:, 4].astype(np.int64), "area": table[:, 5],
-                        "iscrowd": table[:, 6].astype(np.int64)})
+    class_names, label_of = _coco_classes(annotation_file, data)
+    dirs = [image_dir] if isinstance(image_dir, (str, os.PathLike)) else list(image_dir)
+    notes, records = _Notes(), []
+    for image in data["images"]:
+        records.append(_coco_record(annotation_file, image, coco.imgToAnns.get(image["id"], []),
+                                    label_of, dirs, notes if check_boxes else None))
+    dropped = sum(r.pop("dropped") for r in records)
+    notes.warn(annotation_file)
     return class_names, records, dropped
 
 
-def _voc_ids(root: str, split: str) -> List[str]:
-    """The image ids of ``split``: ``ImageSets/Main/{split}.txt`` when the folder has split files,
-    else every ``Annotations/*.xml``."""
-    split_dir = os.path.join(root, "ImageSets", "Main")
-    split_file = os.path.join(split_dir, f"{split}.txt")
-    if os.path.isfile(split_file):
-        with open(split_file) as f:
+# Your own data: Pascal VOC folders ────────────────────────────────────────────────────────────
+# Corners: LabelImg, CVAT (datumaro), Label Studio and makesense.ai all write the corners of the
+# box as drawn on the image, in pixels from its top-left edge: xmin = x, xmax = x + width (read
+# from their exporters; LabelImg raises a 0 to 1). So x1 = xmin, x2 = xmax here, as torchvision's
+# VOCDetection and mmdetection read them. The original VOC devkit's 1-based inclusive corners
+# (which detectron2 shifts by 1) give boxes half a pixel to a pixel larger at the left and top.
+
+
+def _voc_dirs(root: str) -> Tuple[str, List[str]]:
+    """(folder of the .xml files, folders the images may be in) of a VOC folder: ``Annotations/``
+    or ``root`` itself (LabelImg's XML beside the images, makesense.ai's flat .zip)."""
+    xml_dir = os.path.join(root, "Annotations")
+    xml_dir = xml_dir if os.path.isdir(xml_dir) else root
+    return xml_dir, [os.path.join(root, "JPEGImages"), os.path.join(root, "images"), xml_dir, root]
+
+
+def voc_splits(root: str) -> dict:
+    """Split name -> ``ImageSets/Main/{name}.txt`` of a VOC folder; the per-class lists that VOC
+    and CVAT write beside them (``{class}_{split}.txt``) are left out."""
+    files = {os.path.splitext(os.path.basename(p))[0]: p
+             for p in sorted(glob.glob(os.path.join(root, "ImageSets", "Main", "*.txt")))}
+    return {name: path for name, path in files.items()
+            if not any(name.endswith("_" + other) for other in files if other != name)}
+
+
+def pick_split(found: dict, split: Optional[str], where: str, what: str) -> Tuple[str, str]:
+    """``(name, path)`` of ``split`` among ``found`` (name -> path); ``split`` ``None`` takes the
+    only one. Errors list the names to choose from."""
+    names = sorted(found)
+    if split is None and len(names) == 1:
+        return names[0], found[names[0]]
+    if split is None:
+        raise ValueError(f"{where} holds {len(names)} {what}: {names}. Ask for one by name: "
+                         "folder_dataset(folder, split=NAME), or train.py --split NAME")
+    if split not in found:
+        raise FileNotFoundError(f"split {split!r} is not in {where} ({what}: {names}): ask for "
+                                "one of those")
+    return split, found[split]
+
+
+def _voc_ids(root: str, split: Optional[str]) -> List[str]:
+    """The image ids of ``split`` (see :func:`pick_split`) when the folder has split files, else
+    (``split`` ``None``) every .xml's."""
+    splits = voc_splits(root)
+    if splits:
+        _, path = pick_split(splits, split, f"the VOC folder {root}", "split files in ImageSets/Main")
+        with open(path) as f:
             return [line.split()[0] for line in f if line.strip()]
-    found = sorted(glob.glob(os.path.join(split_dir, "*.txt")))
-    if found:
-        raise FileNotFoundError(f"{split_file} does not exist: split {split!r} is not in this VOC "
-                                f"folder (split files: {[os.path.basename(p) for p in found]})")
-    xmls = sorted(glob.glob(os.path.join(root, "Annotations", "*.xml")))
+    if split is not None:
+        raise FileNotFoundError(f"split {split!r} is not in {root}: it has no ImageSets/Main/*.txt "
+                                "split files, so every .xml is read: leave the split out")
+    xml_dir, _ = _voc_dirs(root)
+    xmls = sorted(glob.glob(os.path.join(xml_dir, "*.xml")))
     if not xmls:
         raise FileNotFoundError(f"no Annotations/*.xml in {root}: a Pascal VOC folder holds "
-                                "Annotations/ (one .xml per image) and JPEGImages/")
+                                "Annotations/ (one .xml per image) and the images")
     return [os.path.splitext(os.path.basename(p))[0] for p in xmls]
 
 
-def _read_voc_xml(root: str, image_id: str) -> dict:
-    """One ``Annotations/{image_id}.xml``: image path, size, and its objects as
-    ``(name, [x1, y1, x2, y2], difficult)``. VOC's 1-based inclusive pixel corners become edges:
-    ``x1 = xmin - 1``, ``x2 = xmax``."""
+def _voc_object(path: str, number: int, obj, size, notes: _Notes):
+    """``(name, [x1, y1, x2, y2], difficult)`` of one ``<object>`` (corners: see above); a
+    ``<difficult>`` that is no number (makesense.ai writes ``Unspecified``) counts as 0."""
+    name = (obj.findtext("name") or "").strip()
+    where = f"{path}: object {number}" + (f" ({name})" if name else "")
+    box = obj.find("bndbox")
+    if not name or box is None:
+        raise _bad_file(where, "has no <name> or no <bndbox>", "Every <object> needs both")
+    fix = "<bndbox> holds <xmin>, <ymin>, <xmax>, <ymax> in pixels"
+    corners = []
+    for key in ("xmin", "ymin", "xmax", "ymax"):
+        text = box.findtext(key)
+        if text is None:
+            tags = [child.tag for child in box]
+            raise _bad_file(where, f"has no <{key}> in <bndbox>{_misspelt(key, tags)}; it has "
+                            f"{tags}", fix)
+        corners.append(_number(text.strip(), f"{where} <{key}>", fix))
+    corners = _fitted_box(corners, size, where, f"bndbox {corners}", notes)
+    difficult = (obj.findtext("difficult") or "0").strip().lower() in ("1", "1.0", "true", "yes")
+    return name, corners, int(difficult)
+
+
+def _read_voc_xml(root: str, image_id: str, notes: _Notes) -> dict:
+    """One ``{image_id}.xml``: its image (found in the folders of :func:`_voc_dirs`, or in the
+    ``<folder>`` it names), the size it gives, and its objects (:func:`_voc_object`)."""
     import xml.etree.ElementTree as ET
 
-    path = os.path.join(root, "Annotations", f"{image_id}.xml")
+    xml_dir, dirs = _voc_dirs(root)
+    path = os.path.join(xml_dir, f"{image_id}.xml")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist, but the split lists {image_id!r}: "
                                 "add the annotation or remove the id from the split file")
@@ -393,43 +668,33 @@ def _read_voc_xml(root: str, image_id: str) -> dict:
         tree = ET.parse(path).getroot()
     except ET.ParseError as err:
         raise _bad_file(path, f"not valid XML ({err})", "Export the annotation again") from None
-    name = tree.findtext("filename") or f"{image_id}.jpg"
-    image = os.path.join(root, "JPEGImages", name)
-    if not os.path.isfile(image):
-        raise FileNotFoundError(f"{path}: its image {image} does not exist. Put the image in "
-                                "JPEGImages/ or fix <filename>")
-    size = tree.find("size")
-    if size is not None and size.findtext("width"):
-        width, height = int(size.findtext("width")), int(size.findtext("height"))
-    else:
-        width, height = _image_size({}, image)
-    objects = []
-    for number, obj in enumerate(tree.findall("object")):
-        box = obj.find("bndbox")
-        if box is None or obj.findtext("name") is None:
-            raise _bad_file(path, f"object {number} has no <name> or <bndbox>",
-                            "Every <object> needs both")
-        x1, y1, x2, y2 = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
-        if x1 < 0 or y1 < 0 or x2 > width + 1 or y2 > height + 1:
-            raise _bad_file(path, f"object {number} ({obj.findtext('name')}) has bndbox "
-                            f"{[x1, y1, x2, y2]} outside its {width} x {height} px image",
-                            "Fix the box or the <size>")
-        difficult = int(float(obj.findtext("difficult") or 0))
-        objects.append((obj.findtext("name").strip(), [x1 - 1, y1 - 1, x2, y2], difficult))
-    return {"image": image, "objects": objects}
+    name = (tree.findtext("filename") or "").strip() or image_id
+    folder = (tree.findtext("folder") or "").strip()
+    image = find_image(dirs + ([os.path.join(root, folder)] if folder else []), name)
+    if image is None:
+        raise FileNotFoundError(f"{path}: its image {name!r} is in none of {dirs}. Put the image "
+                                "in JPEGImages/ or images/, or fix <filename>")
+    given = _given_size(tree.findtext("size/width"), tree.findtext("size/height"), f"{path} <size>")
+    size = _checked_size(image, given, path, notes)
+    objects = [_voc_object(path, number, obj, size, notes)
+               for number, obj in enumerate(tree.findall("object"))]
+    return {"image": image, "objects": objects, "size": given}
 
 
-def read_voc_folder(root: str, split: str = "train", class_names: Optional[Sequence[str]] = None
-                    ) -> Tuple[List[str], List[dict]]:
-    """``(class_names, records)`` of a Pascal VOC folder's ``split``.
+def read_voc_folder(root: str, split: Optional[str] = None,
+                    class_names: Optional[Sequence[str]] = None) -> Tuple[List[str], List[dict]]:
+    """``(class_names, records)`` of a Pascal VOC folder's ``split`` (:func:`_voc_ids`).
 
     ``class_names`` default: ``["__background__", *the object names found, sorted]``. Records are
     those of :func:`read_coco_file`, numbered 0.. in the split's order; ``difficult`` objects get
     ``iscrowd = 1`` (dropped in training, ignored in scoring, as VOC's own evaluation does).
-    Degenerate boxes are left to the sample (which drops them).
+    Corners are read as the tools write them (see the note above :func:`_voc_dirs`); boxes
+    overshooting by rounding are clipped. Degenerate boxes are left to the sample (which drops them).
     """
     ids = _voc_ids(root, split)
-    parsed = [_read_voc_xml(root, i) for i in ids]
+    notes = _Notes()
+    parsed = [_read_voc_xml(root, i, notes) for i in ids]
+    notes.warn(os.path.join(_voc_dirs(root)[0], "*.xml"))
     if class_names is None:
         class_names = ["__background__",
                        *sorted({name for p in parsed for name, _, _ in p["objects"]})]
@@ -438,13 +703,90 @@ def read_voc_folder(root: str, split: str = "train", class_names: Optional[Seque
     for number, (image_id, p) in enumerate(zip(ids, parsed)):
         for name, _, _ in p["objects"]:
             if name not in class_names[1:]:
-                raise ValueError(f"{os.path.join(root, 'Annotations', image_id + '.xml')}: "
+                raise ValueError(f"{os.path.join(_voc_dirs(root)[0], image_id + '.xml')}: "
                                  f"object name {name!r} is not among class_names "
                                  f"{class_names[1:]}: add it, or leave class_names=None")
         boxes = np.array([b for _, b, _ in p["objects"]], dtype=np.float64).reshape(-1, 4)
         records.append({"image": p["image"], "image_id": number, "boxes": boxes,
                         "labels": np.array([class_names.index(n) for n, _, _ in p["objects"]],
                                            dtype=np.int64),
-                        "area": None,
+                        "area": None, "size": p["size"],
                         "iscrowd": np.array([d for _, _, d in p["objects"]], dtype=np.int64)})
     return class_names, records
+
+
+# Your own data: which layout an export folder has ─────────────────────────────────────────────
+
+_COCO_LAYOUTS = ((r"^annotations/instances_\w+2017\.json$", "the official COCO layout"),
+                 (r"^annotations/instances_[^/]+\.json$", "CVAT's COCO 1.0 layout"),
+                 (r"/_annotations\.coco\.json$", "Roboflow's COCO layout"),
+                 (r"^result\.json$", "Label Studio's COCO layout"),
+                 (r"^labels_[^/]+\.json$", "makesense.ai's COCO file"))
+
+
+def coco_files(folder: str) -> dict:
+    """Split name -> COCO-format .json of an export folder: ``annotations/instances_{name}.json``
+    (the official layout, CVAT; other ``annotations/*.json`` only when there is none of those),
+    ``{name}.json`` at the top (Label Studio's ``result``, makesense.ai's ``labels_...``), and
+    the .json of a split's folder ``{name}/`` (Roboflow's ``train/_annotations.coco.json``)."""
+    found = {}
+    listed = sorted(glob.glob(os.path.join(folder, "annotations", "*.json")))
+    for path in [p for p in listed if os.path.basename(p).startswith("instances_")] or listed:
+        found[os.path.splitext(os.path.basename(path))[0].removeprefix("instances_")] = path
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        found.setdefault(os.path.splitext(os.path.basename(path))[0], path)
+    for sub in sorted(e.name for e in os.scandir(folder) if e.is_dir() and e.name != "annotations"):
+        inner = sorted(glob.glob(os.path.join(folder, sub, "*.json")))
+        for path in inner:
+            stem = os.path.splitext(os.path.basename(path))[0]
+            found.setdefault(sub if len(inner) == 1 else f"{sub}/{stem}", path)
+    return found
+
+
+def find_export(folder: str, split: Optional[str] = None) -> dict:
+    """What a labelling tool's export ``folder`` (unzipped) holds: ``{"format": "voc", "root",
+    "split"}`` when it has ``Annotations/``, else ``{"format": "coco", "file", "split",
+    "image_dirs"}`` for its COCO-format files (:func:`coco_files`), else VOC again for .xml files
+    at its top. ``split`` picks one of several (:func:`pick_split`); ``image_dirs`` are where a
+    ``file_name`` is looked for: ``images/{split}/``, ``images/``, the file's folder (and its
+    ``images/``), ``{split}/``, then the export's top."""
+    if not os.path.isdir(folder):
+        what = ("does not exist" if not os.path.exists(folder) else "is a file, not a folder" +
+                (": unzip it" if folder.endswith(".zip") else ""))
+        raise FileNotFoundError(f"{folder} {what}: give the folder your labelling tool exported, "
+                                "unzipped (see README, 'Fine-tune on your own data')")
+    voc = {"format": "voc", "root": folder, "split": split}
+    if os.path.isdir(os.path.join(folder, "Annotations")):
+        splits = voc_splits(folder)
+        return {**voc, "split": pick_split(splits, split, folder, "VOC split files")[0]
+                if splits else split}
+    files = coco_files(folder)
+    if files:
+        name, path = pick_split(files, split, folder, "COCO-format annotation files")
+        here, short = os.path.dirname(path), name.split("/")[0]
+        dirs = [os.path.join(folder, "images", short), os.path.join(folder, "images"), here,
+                os.path.join(here, "images"), os.path.join(folder, short), folder]
+        return {"format": "coco", "file": path, "split": name,
+                "image_dirs": list(dict.fromkeys(os.path.normpath(d) for d in dirs))}
+    if glob.glob(os.path.join(folder, "*.xml")):
+        return voc
+    raise FileNotFoundError(f"{folder} holds no annotations: no COCO-format .json (at its top, in "
+                            "annotations/ or in a split's folder) and no Pascal VOC .xml (in "
+                            "Annotations/ or at its top). Export the labels in COCO or Pascal VOC "
+                            "format and unzip the export there")
+
+
+def export_line(folder: str, export: dict, records: List[dict]) -> str:
+    """One line: the layout :func:`find_export` found in ``folder`` and the files taken."""
+    images = (os.path.relpath(os.path.dirname(records[0]["image"]), folder) + "/"
+              if records else "none")
+    if export["format"] == "coco":
+        file = os.path.relpath(export["file"], folder).replace(os.sep, "/")
+        layout = next((text for pattern, text in _COCO_LAYOUTS if re.search(pattern, file)),
+                      "COCO format")
+        return f"{folder}: {layout}, {file}, images in {images} ({len(records)} images)"
+    xml_dir = os.path.relpath(_voc_dirs(folder)[0], folder) + "/"
+    split = (f"split ImageSets/Main/{export['split']}.txt" if export["split"] else
+             "every .xml, no split files")
+    return (f"{folder}: Pascal VOC, annotations in {xml_dir} ({split}), images in {images} "
+            f"({len(records)} images)")

@@ -41,9 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("--data", default="shapes",
                    help="'shapes' (synthetic, offline), 'coco' (the COCO 2017 train split) or "
-                        "your own folder: Pascal VOC (Annotations/, JPEGImages/) or COCO format "
-                        "(train.json or annotations.json, images in images/); num_classes is "
-                        "taken from the data")
+                        "your own folder as a labelling tool exported it, unzipped (CVAT, Label "
+                        "Studio, Roboflow, LabelImg, makesense.ai: COCO format or Pascal VOC); "
+                        "num_classes is taken from the data")
+    p.add_argument("--split", default=None,
+                   help="the split of --data FOLDER to train on, where it holds several (the "
+                        "error lists them): e.g. Roboflow's train, CVAT's default")
     p.add_argument("--coco-source", default=HUB_COCO,
                    help="hub dataset name or local directory for --data coco")
     p.add_argument("--num-images", type=int, default=2048, help="synthetic images per epoch")
@@ -100,7 +103,13 @@ def main(argv=None) -> None:
                                     min_size=args.image_size or IMG_SIZE, shuffle_buffer=1000,
                                     seed=args.seed)
     else:
-        dataset = folder_dataset(args.data, train=True, min_size=args.image_size or IMG_SIZE)
+        try:
+            dataset = folder_dataset(args.data, args.split, verbose=info.rank == 0, train=True,
+                                     min_size=args.image_size or IMG_SIZE)
+        except (FileNotFoundError, ValueError) as err:  # each names the file and the fix
+            raise SystemExit(f"train.py --data {args.data}: {err}") from None
+    if args.split is not None and args.data in ("shapes", "coco"):
+        raise SystemExit(f"train.py: --split is for --data FOLDER, not --data {args.data}")
     if args.finetune is not None and not os.path.exists(args.finetune):  # torchvision's weights
         model = FasterRCNN.from_torchvision(args.finetune, num_classes=dataset.num_classes,
                                             trainable_layers=args.trainable_layers or 3)

@@ -171,7 +171,7 @@ def own_scenes(count: int = 6):
 
 
 def _save(pixels, path: str) -> None:
-    Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(path)
+    Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(path, quality=95)  # JPEG: near exact
 
 
 @pytest.fixture(scope="session")
@@ -213,7 +213,7 @@ def own_voc_folder(tmp_path_factory):
         _save(pixels, str(root / "JPEGImages" / f"img{index}.png"))
         objects = "".join(
             f"<object><name>{OWN_NAMES[label]}</name><difficult>{int(index == 0 and k == 0)}"
-            f"</difficult><bndbox><xmin>{x1 + 1:g}</xmin><ymin>{y1 + 1:g}</ymin><xmax>{x2:g}"
+            f"</difficult><bndbox><xmin>{x1:g}</xmin><ymin>{y1:g}</ymin><xmax>{x2:g}"
             f"</xmax><ymax>{y2:g}</ymax></bndbox></object>"
             for k, ((x1, y1, x2, y2), label) in enumerate(zip(boxes.tolist(), labels.tolist())))
         (root / "Annotations" / f"img{index}.xml").write_text(
@@ -221,3 +221,133 @@ def own_voc_folder(tmp_path_factory):
             f"<height>64</height><depth>3</depth></size>{objects}</annotation>")
     (root / "ImageSets" / "Main" / "train.txt").write_text("".join(f"img{i}\n" for i in range(5)))
     return root
+
+
+# ─── your own data as labelling tools export it: one writer per tool, from their exporters ──────
+# Each writes own_scenes() (6 drawn 64 x 64 images, classes block, disc, wedge) as the tool's
+# export, unzipped. Corners as the tools write them: x, y from the image's top-left edge, xmax =
+# x + width (CVAT/datumaro, Label Studio's converter, makesense.ai; LabelImg raises 0 to 1).
+TOOL_NAMES = ["block", "disc", "wedge"]  # the labels in the tools' order (as they were created)
+TOOL_EXPORTS = {  # tool layout -> (the split to ask for, or None; what the one line names)
+    "cvat_coco": (None, "CVAT's COCO 1.0 layout, annotations/instances_default.json"),
+    "cvat_voc": (None, "Pascal VOC, annotations in Annotations/ (split ImageSets/Main/default.txt)"),
+    "labelstudio_coco": (None, "Label Studio's COCO layout, result.json"),
+    "labelstudio_voc": (None, "Pascal VOC, annotations in Annotations/ (every .xml"),
+    "roboflow_coco": ("train", "Roboflow's COCO layout, train/_annotations.coco.json"),
+    "labelimg_voc": (None, "Pascal VOC, annotations in ./ (every .xml"),
+    "makesense_coco": (None, "makesense.ai's COCO file, labels_my-shapes_20240102030405.json"),
+    "makesense_voc": (None, "Pascal VOC, annotations in ./ (every .xml"),
+}
+
+
+def tool_objects(tool: str, boxes, labels):
+    """(boxes as the tool writes them, x1 y1 x2 y2; class names) of one drawn image."""
+    rows = [[float(v) for v in box] for box in boxes.tolist()]
+    if tool == "labelimg_voc":  # LabelImg's convertPoints2BndBox raises a 0 corner to 1
+        rows = [[max(x1, 1.0), max(y1, 1.0), x2, y2] for x1, y1, x2, y2 in rows]
+    return rows, [OWN_NAMES[label] for label in labels.tolist()]
+
+
+def _write_json(path, data) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+
+
+def _coco_export(tool, root, json_path, image_dir, prefix, first_id, scenes, categories):
+    """A COCO-format file of ``scenes`` (index, pixels, boxes, labels), images written to
+    ``image_dir`` and named ``prefix + file`` in the file; category ids from ``categories``."""
+    os.makedirs(image_dir, exist_ok=True)
+    ids = {c["name"]: c["id"] for c in categories}
+    images, annotations = [], []
+    for index, pixels, boxes, labels in scenes:
+        name = {"labelstudio_coco": f"8f3a{index}c-photo{index}.jpg",
+                "roboflow_coco": f"photo{index}_jpg.rf.5e1d{index}.jpg"}.get(tool, f"IMG_{index}.jpg")
+        _save(pixels, os.path.join(image_dir, name))
+        images.append({"id": first_id + index, "file_name": prefix + name, "width": 64,
+                       "height": 64})
+        for (x1, y1, x2, y2), label in zip(*tool_objects(tool, boxes, labels)):
+            annotations.append({"id": len(annotations) + first_id, "image_id": first_id + index,
+                                "category_id": ids[label], "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                "area": (x2 - x1) * (y2 - y1), "segmentation": [], "iscrowd": 0})
+    _write_json(json_path, {"info": {"contributor": tool}, "images": images,
+                            "annotations": annotations, "categories": categories})
+
+
+def _voc_xml(tool, folder, filename, boxes, labels) -> str:
+    """One Pascal VOC .xml as ``tool`` writes it (makesense.ai: ``Unspecified`` flags)."""
+    flag = "Unspecified" if tool == "makesense_voc" else "0"
+    objects = "".join(
+        f"<object><name>{name}</name><pose>Unspecified</pose><truncated>{flag}</truncated>"
+        f"<difficult>{flag}</difficult><bndbox><xmin>{x1:g}</xmin><ymin>{y1:g}</ymin>"
+        f"<xmax>{x2:g}</xmax><ymax>{y2:g}</ymax></bndbox></object>"
+        for (x1, y1, x2, y2), name in zip(*tool_objects(tool, boxes, labels)))
+    return (f"<annotation><folder>{folder}</folder><filename>{filename}</filename>"
+            f"<path>/home/someone/{folder}/{filename}</path><source><database>Unknown</database>"
+            f"</source><size><width>64</width><height>64</height><depth>3</depth></size>"
+            f"<segmented>0</segmented>{objects}</annotation>")
+
+
+def _voc_export(tool, root, scenes) -> None:
+    """CVAT (Annotations/, JPEGImages/, ImageSets/Main/default.txt and per-class lists,
+    labelmap.txt), Label Studio (Annotations/, images/, <filename> without extension), LabelImg
+    (.xml beside the images) or makesense.ai (flat .xml, images put in images/)."""
+    xml_dir, image_dir, folder = {
+        "cvat_voc": ("Annotations", "JPEGImages", ""),
+        "labelstudio_voc": ("Annotations", "images", "images"),
+        "labelimg_voc": ("", "", os.path.basename(root)),
+        "makesense_voc": ("", "images", "my-shapes")}[tool]
+    os.makedirs(os.path.join(root, xml_dir, image_dir), exist_ok=True)
+    os.makedirs(os.path.join(root, image_dir), exist_ok=True)
+    for index, pixels, boxes, labels in scenes:
+        stem = f"c0ffee{index}-photo{index}" if tool == "labelstudio_voc" else f"IMG_{index}"
+        _save(pixels, os.path.join(root, image_dir, stem + ".jpg"))
+        filename = stem if tool == "labelstudio_voc" else stem + ".jpg"
+        with open(os.path.join(root, xml_dir, stem + ".xml"), "w") as f:
+            f.write(_voc_xml(tool, folder, filename, boxes, labels))
+    if tool == "cvat_voc":
+        main = os.path.join(root, "ImageSets", "Main")
+        os.makedirs(main)
+        with open(os.path.join(main, "default.txt"), "w") as f:
+            f.write("".join(f"IMG_{index}\n" for index, *_ in scenes))
+        for name in TOOL_NAMES:  # datumaro's classification lists, beside the split file
+            with open(os.path.join(main, f"{name}_default.txt"), "w") as f:
+                f.write("".join(f"IMG_{index}  1\n" for index, *_ in scenes))
+        with open(os.path.join(root, "labelmap.txt"), "w") as f:
+            f.write("# label:color_rgb:parts:actions\nbackground:0,0,0::\n" +
+                    "".join(f"{name}:{40 * i},0,0::\n" for i, name in enumerate(TOOL_NAMES)))
+
+
+def write_tool_export(root: str, tool: str) -> str:
+    """``own_scenes()`` written to ``root`` as ``tool`` (a key of TOOL_EXPORTS) exports it."""
+    scenes = [(i, *scene) for i, scene in enumerate(own_scenes())]
+    if tool.endswith("_voc"):
+        _voc_export(tool, root, scenes)
+        return root
+    cats = [{"id": i + 1, "name": n, "supercategory": ""} for i, n in enumerate(TOOL_NAMES)]
+    if tool == "cvat_coco":
+        _coco_export(tool, root, os.path.join(root, "annotations", "instances_default.json"),
+                     os.path.join(root, "images", "default"), "", 1, scenes, cats)
+    elif tool == "labelstudio_coco":  # ids from 0, file_name relative to the export's top
+        cats = [{"id": i, "name": n} for i, n in enumerate(TOOL_NAMES)]
+        _coco_export(tool, root, os.path.join(root, "result.json"), os.path.join(root, "images"),
+                     "images/", 0, scenes, cats)
+    elif tool == "roboflow_coco":  # category 0: the dataset's name, the others' supercategory
+        cats = [{"id": 0, "name": "shapes", "supercategory": "none"}] + [
+            {"id": i + 1, "name": n, "supercategory": "shapes"} for i, n in enumerate(TOOL_NAMES)]
+        for split, part in (("train", scenes), ("valid", scenes[4:])):
+            _coco_export(tool, root, os.path.join(root, split, "_annotations.coco.json"),
+                         os.path.join(root, split), "", 0, part, cats)
+        with open(os.path.join(root, "README.roboflow.txt"), "w") as f:
+            f.write("exported from roboflow.com\n")
+    else:  # makesense.ai: one labels_<project>_<date>.json; the images put beside it in images/
+        _coco_export(tool, root, os.path.join(root, "labels_my-shapes_20240102030405.json"),
+                     os.path.join(root, "images"), "", 1, scenes, cats)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tool_exports(tmp_path_factory):
+    """Tool layout -> the folder of its export (see write_tool_export), written once."""
+    return {tool: write_tool_export(str(tmp_path_factory.mktemp(tool)), tool)
+            for tool in TOOL_EXPORTS}
