@@ -702,10 +702,10 @@ class VOCFormatDataset(_RecordDataset):
     ``class_names`` default: ``["__background__", *the object names found, sorted]``;
     ``num_classes`` counts the background. VOC's ``difficult`` objects become crowd-like
     (``iscrowd = 1``): dropped in training mode, ignored by :func:`frcnn_engine.evaluate`.
-    Corners are pixel edges, ``x1 = xmin, x2 = xmax``, as LabelImg, CVAT, Label Studio and makesense.ai write them
-    (their exporters write ``xmax = x + width``; see ``frcnn_sources``). Images are read upright
-    as in :class:`CocoFormatDataset`, whose samples and options (``resize``, ``min_size``,
-    ``max_size``, ``train``, ``flip_prob``, ``skip_empty``) these are.
+    Corners are pixel edges, ``x1 = xmin, x2 = xmax``, as LabelImg, CVAT, Label Studio and
+    makesense.ai write them (their exporters write ``xmax = x + width``; see ``frcnn_sources``).
+    Images are read upright as in :class:`CocoFormatDataset`, whose samples and options
+    (``resize``, ``min_size``, ``max_size``, ``train``, ``flip_prob``, ``skip_empty``) these are.
     """
 
     def __init__(self, root: str, split: Optional[str] = None,
