@@ -14,13 +14,14 @@ Nothing here is needed to build, train or evaluate a detector: a researcher's sc
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import random
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -575,7 +576,9 @@ def setup_notebook(seed: int = 0) -> Tuple[bool, torch.device]:
     np.random.seed(seed)
     random.seed(seed)
     plt.rcParams.update({"figure.dpi": 80, "axes.grid": False})
-    print(f"{'FAST' if fast else 'FULL'} mode on {device}, {torch.get_num_threads()} CPU thread(s) "
+    threads = (f", CPU threads: {torch.get_num_threads()} for the cells, {training_threads()} "
+               "for training" if fast else "")
+    print(f"{'FAST' if fast else 'FULL'} mode on {device}{threads} "
           f"(set FRCNN_FAST={0 if fast else 1} before starting Jupyter to switch)")
     return fast, device
 
@@ -589,6 +592,36 @@ def notebook_threads() -> int:
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"FRCNN_THREADS={text!r}: give a whole number of threads, 1 or more")
     return int(text)
+
+
+def idle_cores(sample_s: float = 0.3) -> float:
+    """How many of this machine's cores sat idle over the last ``sample_s`` seconds (``/proc/stat``,
+    Linux; elsewhere every core counts as idle)."""
+    def cpu_times():
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, all
+    try:
+        idle_before, total_before = cpu_times()
+        time.sleep(sample_s)
+        idle_after, total_after = cpu_times()
+    except (OSError, ValueError, IndexError):
+        return float(os.cpu_count() or 1)
+    share = (idle_after - idle_before) / max(total_after - total_before, 1e-9)
+    return share * (os.cpu_count() or 1)
+
+
+@functools.lru_cache(maxsize=None)
+def training_threads(most: int = 2) -> int:
+    """Torch threads for a notebook's training run, chosen once per process: the cores idle now,
+    rounded, at least 1 and at most ``most`` (and the cores this process may use).
+
+    Two threads on two cores are faster on a quiet machine, but while another process keeps a core
+    busy, two OpenMP threads wait for each other at every parallel region and a step of the tiny
+    detector took 15 times as long; one thread on the free core keeps its own speed
+    (``make bench``'s ``busy_*`` figures measure both, side by side)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(most, usable or 1, round(idle_cores())))
 
 
 def coco_source() -> str:

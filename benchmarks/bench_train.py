@@ -18,6 +18,11 @@ Prints one ``name: value`` line per figure:
   one batch of the recipe (8 images, 128 px) with each ops backend, medians of alternating steps
   (``--threads``, default 1); ``..._pure_ops_2_threads``: the pure ops with 2 threads, alternating
   with the others, as notebook 05 trains.
+* ``busy_*``: seconds per training step of ``tiny_detector`` (the recipe's batch, pure ops) with
+  2 threads and with the threads ``course.training_threads`` picks (``busy_threads_chosen_*``),
+  alternating, first on the machine as it is, then while a CPU-bound process this script starts
+  runs beside them; ``busy_over_quiet_*`` divides the second by the first (a fair share of two
+  cores would be 2).
 * ``synthetic_map50`` / ``synthetic_train_seconds``: ``shapes_experiment()``, the small detector
   trained from scratch on the synthetic shapes and scored (COCO AP at IoU 0.5) on held-out images.
 * ``--r50-curve``: the ResNet-50 + FPN detector trained briefly on the synthetic shapes; prints its
@@ -150,6 +155,45 @@ def synthetic_step_by_ops(repeats: int) -> None:
     report("synthetic_step_2_threads_over_1_pure_ops", pure_2 / pure)
 
 
+def busy_machine(repeats: int) -> None:
+    """Training steps of ``tiny_detector`` (the recipe's batch) on a quiet machine and while one
+    other CPU-bound process runs (this script starts it, and stops it after): 2 threads, and the
+    threads ``course.training_threads`` picks, each measured in both states."""
+    recipe = course.SHAPES_RECIPE
+    data = fc.SyntheticShapesDataset(recipe["batch_size"], recipe["image_size"], seed=0, train=True,
+                                     object_size=recipe["object_size"])
+    images, targets = next(iter(engine.make_loader(data, recipe["batch_size"], shuffle=False)))
+    torch.manual_seed(0)
+    model = fc.tiny_detector(data.num_classes).train()
+    optimizer = engine.make_optimizer(model, lr=0.01)
+
+    def steps(threads):
+        with fc.ops_backend("pure"), fc.cpu_threads(threads):
+            engine.train_step(model, images, targets, optimizer)
+
+    def measure():
+        chosen = course.training_threads.__wrapped__()  # the rule, asked afresh
+        two, picked = side_by_side([lambda: steps(2), lambda: steps(chosen)], repeats * 2)
+        return chosen, two, picked
+
+    quiet = measure()
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1.0)
+        busy = measure()
+    finally:
+        burner.kill()
+        burner.wait()
+    report("busy_threads_chosen_quiet", quiet[0])
+    report("busy_threads_chosen_busy", busy[0])
+    report("busy_step_s_quiet_chosen", quiet[2])
+    report("busy_step_s_busy_chosen", busy[2])
+    report("busy_step_s_quiet_2_threads", quiet[1])
+    report("busy_step_s_busy_2_threads", busy[1])
+    report("busy_over_quiet_chosen_threads", busy[2] / quiet[2])
+    report("busy_over_quiet_2_threads", busy[1] / quiet[1])
+
+
 def synthetic_proof() -> None:
     result = course.shapes_experiment(progress=False)
     report("synthetic_map50", result["metrics"]["AP50"])
@@ -163,8 +207,9 @@ def r50_curve(steps: int, block: int) -> None:
     data = fc.SyntheticShapesDataset(steps * 2, 192, seed=0, train=True)
     model = fc.fasterrcnn_resnet50_fpn(data.num_classes)
     start = time.perf_counter()
-    history = engine.fit(model, engine.make_loader(data, 2), 1, lr=0.01, warmup_steps=min(50, steps // 5),
-                     device=CPU, amp=False, max_grad_norm=10.0, progress=False)
+    history = engine.fit(model, engine.make_loader(data, 2), 1, lr=0.01,
+                         warmup_steps=min(50, steps // 5), device=CPU, amp=False,
+                         max_grad_norm=10.0, progress=False)
     seconds = time.perf_counter() - start
     totals = history["total"]
     for i in range(0, len(totals), block):
@@ -177,7 +222,8 @@ def r50_curve(steps: int, block: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "memory", "synthetic"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["throughput", "memory", "busy", "synthetic"])
     parser.add_argument("--r50-curve", type=int, default=0, metavar="STEPS",
                         help="also train ResNet-50 + FPN for STEPS steps and print its loss curve")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -192,6 +238,8 @@ def main() -> None:
         throughput(args.repeats)
     if "memory" not in args.skip:
         peak_memory()
+    if "busy" not in args.skip:
+        busy_machine(args.repeats)
     if "synthetic" not in args.skip:
         synthetic_step_by_ops(args.repeats)
         synthetic_proof()

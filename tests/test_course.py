@@ -188,18 +188,30 @@ def test_setup_notebook_reads_the_mode_and_pins_one_thread_in_fast_mode(monkeypa
         monkeypatch.delenv("FRCNN_THREADS", raising=False)
         fast, device = course.setup_notebook(seed=3)
         assert fast and device.type == "cpu" and torch.get_num_threads() == 1
-        assert capsys.readouterr().out.startswith("FAST mode on cpu, 1 CPU thread(s)")
+        assert capsys.readouterr().out.startswith("FAST mode on cpu, CPU threads: 1 for the cells, ")
         assert torch.equal(torch.rand(2), (torch.manual_seed(3), torch.rand(2))[1])
         monkeypatch.setenv("FRCNN_THREADS", "2")
         course.setup_notebook()
         assert torch.get_num_threads() == 2
-        assert capsys.readouterr().out.startswith("FAST mode on cpu, 2 CPU thread(s)")
+        assert capsys.readouterr().out.startswith("FAST mode on cpu, CPU threads: 2 for the cells, ")
         for wrong in ("0", "two", "-1"):
             monkeypatch.setenv("FRCNN_THREADS", wrong)
             with pytest.raises(ValueError, match="FRCNN_THREADS"):
                 course.setup_notebook()
     finally:
         torch.set_num_threads(threads)
+
+
+def test_training_threads_are_the_idle_cores_at_least_one_at_most_two(monkeypatch):
+    assert 0.0 <= course.idle_cores(0.05) <= os.cpu_count()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    for idle, threads in ((0.2, 1), (1.4, 1), (1.6, 2), (3.9, 2)):
+        monkeypatch.setattr(course, "idle_cores", lambda idle=idle: idle)
+        course.training_threads.cache_clear()
+        assert course.training_threads() == threads, idle
+        monkeypatch.setattr(course, "idle_cores", lambda: 0.0)
+        assert course.training_threads() == threads  # chosen once: the machine's load later is not read
+    course.training_threads.cache_clear()
 
 
 def test_full_mode_reads_coco_from_the_folder_frcnn_coco_names(monkeypatch, coco_dir):
