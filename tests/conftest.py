@@ -116,6 +116,14 @@ def write_coco_layout(root, scenes=SCENES, split="val"):
 
 
 @pytest.fixture(scope="session")
+def cpu():
+    """The device the tests train and run on."""
+    import torch
+
+    return torch.device("cpu")
+
+
+@pytest.fixture(scope="session")
 def resnet50_state():
     """Random ResNet-50 weights as a state dict: given as ``weights``, they count as pretrained
     (so stages can be frozen) without a download."""
@@ -124,6 +132,28 @@ def resnet50_state():
 
     torch.manual_seed(0)
     return ResNet50().state_dict()
+
+
+@pytest.fixture
+def simulated_coco(tmp_path, resnet50_state):
+    """Full mode's world without a network: a COCO folder in the official layout (``train`` and
+    ``val`` of the scenes above) and a torch hub cache (``torch_home``, for ``TORCH_HOME``) holding
+    random ResNet-50 weights under the file name torchvision caches its ImageNet weights by, so
+    they load without a download. Add other stand-ins to ``checkpoints``."""
+    from types import SimpleNamespace
+
+    import torch
+    import torchvision
+
+    torch_home = tmp_path / "torch"
+    checkpoints = torch_home / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    url = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
+    torch.save(resnet50_state, checkpoints / os.path.basename(url))
+    coco = str(tmp_path / "coco")
+    write_coco_layout(coco, split="train")
+    write_coco_layout(coco, split="val")
+    return SimpleNamespace(torch_home=str(torch_home), checkpoints=str(checkpoints), coco=coco)
 
 
 @pytest.fixture
