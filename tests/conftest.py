@@ -200,6 +200,14 @@ def own_scenes(count: int = 6):
     return [shapes.render(i) for i in range(count)]
 
 
+@pytest.fixture
+def own_kit():
+    """The helpers above: ``NAMES`` (label -> name) and ``scenes(count)``, the drawn images."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(NAMES=OWN_NAMES, IDS=OWN_IDS, scenes=own_scenes)
+
+
 def _save(pixels, path: str) -> None:
     Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(path)
 
