@@ -17,7 +17,10 @@ Prints one ``name: value`` line per figure:
 * ``synthetic_step_s_{torchvision,pure}_ops``: seconds per training step of ``tiny_detector`` on
   one batch of the recipe (8 images, 128 px) with each ops backend, medians of alternating steps
   (``--threads``, default 1); ``..._pure_ops_2_threads``: the pure ops with 2 threads, alternating
-  with the others, as notebook 05 trains.
+  with the others, as notebook 05 trains. ``synthetic_image_ms``: milliseconds to draw one such
+  image with its boxes (median); ``synthetic_data_share_of_step``: a batch's drawing time over the
+  pure-ops step time (well under 1: the data never holds training back; the tests once asserted
+  under 20 ms an image).
 * ``synthetic_map50`` / ``synthetic_train_seconds``: ``shapes_experiment()``, the small detector
   trained from scratch on the synthetic shapes and scored (COCO AP at IoU 0.5) on held-out images.
 * ``--r50-curve``: the ResNet-50 + FPN detector trained briefly on the synthetic shapes; prints its
@@ -146,6 +149,12 @@ def synthetic_step_by_ops(repeats: int) -> None:
     report("synthetic_step_pure_over_torchvision_ops", pure / tv)
     report("synthetic_step_s_pure_ops_2_threads", pure_2)
     report("synthetic_step_2_threads_over_1_pure_ops", pure_2 / pure)
+    shapes = fc.SyntheticShapesDataset(100, recipe["image_size"], seed=0, train=True,
+                                       object_size=recipe["object_size"])
+    index = iter(range(10**9))
+    (render,) = side_by_side([lambda: shapes[next(index) % len(shapes)]], repeats * 20)
+    report("synthetic_image_ms", render * 1000)
+    report("synthetic_data_share_of_step", render * recipe["batch_size"] / pure)
 
 
 def synthetic_proof() -> None:
