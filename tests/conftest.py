@@ -115,6 +115,45 @@ def write_coco_layout(root, scenes=SCENES, split="val"):
     return root
 
 
+# ─── hangs: caught by a limit only a hang reaches, never by a speed ─────────────────────────────
+HANG_LIMIT_S = 600
+"""Seconds after which a call that should end counts as hung (an offline download that retries,
+a silent server, a stuck child process). Ten minutes: no working call comes near it, however
+busy the machine; speed is measured by ``make bench``, not asserted by the tests."""
+
+
+@pytest.fixture(scope="session")
+def hang_limit_s():
+    return HANG_LIMIT_S
+
+
+@pytest.fixture(scope="session")
+def no_hang():
+    """``no_hang(fn, *args, **kwargs)``: ``fn``'s result (or its exception, raised again), run in a
+    daemon thread; the test fails if ``fn`` has not ended after ``HANG_LIMIT_S``."""
+    import threading
+
+    def call(fn, *args, **kwargs):
+        outcome = {}
+
+        def run():
+            try:
+                outcome["value"] = fn(*args, **kwargs)
+            except BaseException as err:  # noqa: BLE001 - handed to the test's thread
+                outcome["error"] = err
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(HANG_LIMIT_S)
+        if thread.is_alive():
+            pytest.fail(f"{getattr(fn, '__name__', fn)} hung: no end after {HANG_LIMIT_S} s")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    return call
+
+
 @pytest.fixture(scope="session")
 def cpu():
     """The device the tests train and run on."""
