@@ -155,6 +155,14 @@ def no_hang():
 
 
 @pytest.fixture(scope="session")
+def gen():
+    """``gen(seed)``: a fresh ``torch.Generator`` seeded with ``seed``, one per random input."""
+    import torch
+
+    return lambda seed: torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="session")
 def cpu():
     """The device the tests train and run on."""
     import torch
