@@ -63,6 +63,6 @@ bench-gpu: setup
 	@mkdir -p $(OUT)
 	$(PY) benchmarks/bench_gpu.py --out $(OUT)/bench_gpu.txt $(ARGS)
 
-## remove out/ and pytest's cache
+## remove what the commands wrote: out/, checkpoints (notebooks/checkpoints/, runs/), notebooks/own_data/, README's my_data/, pytest's cache
 clean:
-	rm -rf $(OUT) .pytest_cache
+	rm -rf $(OUT) notebooks/checkpoints notebooks/own_data runs my_data .pytest_cache

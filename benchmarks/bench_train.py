@@ -17,7 +17,10 @@ Prints one ``name: value`` line per figure:
 * ``synthetic_step_s_{torchvision,pure}_ops``: seconds per training step of ``tiny_detector`` on
   one batch of the recipe (8 images, 128 px) with each ops backend, medians of alternating steps
   (``--threads``, default 1); ``..._pure_ops_2_threads``: the pure ops with 2 threads, alternating
-  with the others, as notebook 05 trains.
+  with the others, as notebook 05 trains. ``synthetic_image_ms``: milliseconds to draw one such
+  image with its boxes (median); ``synthetic_data_share_of_step``: a batch's drawing time over the
+  pure-ops step time (well under 1: the data never holds training back; the tests once asserted
+  under 20 ms an image).
 * ``busy_*``: seconds per training step of ``tiny_detector`` (the recipe's batch, pure ops) with
   2 threads and with the threads ``course.training_threads`` picks (``busy_threads_chosen_*``),
   alternating, first on the machine as it is, then while a CPU-bound process this script starts
@@ -153,6 +156,12 @@ def synthetic_step_by_ops(repeats: int) -> None:
     report("synthetic_step_pure_over_torchvision_ops", pure / tv)
     report("synthetic_step_s_pure_ops_2_threads", pure_2)
     report("synthetic_step_2_threads_over_1_pure_ops", pure_2 / pure)
+    shapes = fc.SyntheticShapesDataset(100, recipe["image_size"], seed=0, train=True,
+                                       object_size=recipe["object_size"])
+    index = iter(range(10**9))
+    (render,) = side_by_side([lambda: shapes[next(index) % len(shapes)]], repeats * 20)
+    report("synthetic_image_ms", render * 1000)
+    report("synthetic_data_share_of_step", render * recipe["batch_size"] / pure)
 
 
 def busy_machine(repeats: int) -> None:

@@ -115,6 +115,61 @@ def write_coco_layout(root, scenes=SCENES, split="val"):
     return root
 
 
+# ─── hangs: caught by a limit only a hang reaches, never by a speed ─────────────────────────────
+HANG_LIMIT_S = 600
+"""Seconds after which a call that should end counts as hung (an offline download that retries,
+a silent server, a stuck child process). Ten minutes: no working call comes near it, however
+busy the machine; speed is measured by ``make bench``, not asserted by the tests."""
+
+
+@pytest.fixture(scope="session")
+def hang_limit_s():
+    return HANG_LIMIT_S
+
+
+@pytest.fixture(scope="session")
+def no_hang():
+    """``no_hang(fn, *args, **kwargs)``: ``fn``'s result (or its exception, raised again), run in a
+    daemon thread; the test fails if ``fn`` has not ended after ``HANG_LIMIT_S``."""
+    import threading
+
+    def call(fn, *args, **kwargs):
+        outcome = {}
+
+        def run():
+            try:
+                outcome["value"] = fn(*args, **kwargs)
+            except BaseException as err:  # noqa: BLE001 - handed to the test's thread
+                outcome["error"] = err
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(HANG_LIMIT_S)
+        if thread.is_alive():
+            pytest.fail(f"{getattr(fn, '__name__', fn)} hung: no end after {HANG_LIMIT_S} s")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    return call
+
+
+@pytest.fixture(scope="session")
+def gen():
+    """``gen(seed)``: a fresh ``torch.Generator`` seeded with ``seed``, one per random input."""
+    import torch
+
+    return lambda seed: torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="session")
+def cpu():
+    """The device the tests train and run on."""
+    import torch
+
+    return torch.device("cpu")
+
+
 @pytest.fixture(scope="session")
 def resnet50_state():
     """Random ResNet-50 weights as a state dict: given as ``weights``, they count as pretrained
@@ -124,6 +179,28 @@ def resnet50_state():
 
     torch.manual_seed(0)
     return ResNet50().state_dict()
+
+
+@pytest.fixture
+def simulated_coco(tmp_path, resnet50_state):
+    """Full mode's world without a network: a COCO folder in the official layout (``train`` and
+    ``val`` of the scenes above) and a torch hub cache (``torch_home``, for ``TORCH_HOME``) holding
+    random ResNet-50 weights under the file name torchvision caches its ImageNet weights by, so
+    they load without a download. Add other stand-ins to ``checkpoints``."""
+    from types import SimpleNamespace
+
+    import torch
+    import torchvision
+
+    torch_home = tmp_path / "torch"
+    checkpoints = torch_home / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    url = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
+    torch.save(resnet50_state, checkpoints / os.path.basename(url))
+    coco = str(tmp_path / "coco")
+    write_coco_layout(coco, split="train")
+    write_coco_layout(coco, split="val")
+    return SimpleNamespace(torch_home=str(torch_home), checkpoints=str(checkpoints), coco=coco)
 
 
 @pytest.fixture
@@ -168,6 +245,14 @@ def own_scenes(count: int = 6):
     shapes = SyntheticShapesDataset(count, image_size=64, seed=1, texture=0.0, objects=(1, 3),
                                     object_size=(0.25, 0.45))
     return [shapes.render(i) for i in range(count)]
+
+
+@pytest.fixture
+def own_kit():
+    """The helpers above: ``NAMES`` (label -> name) and ``scenes(count)``, the drawn images."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(NAMES=OWN_NAMES, IDS=OWN_IDS, scenes=own_scenes)
 
 
 def _save(pixels, path: str) -> None:

@@ -38,3 +38,34 @@ def small_detector(seed: int = 0, num_classes: int = 4) -> nn.Module:
         rpn_kwargs=dict(pre_nms_top_n=(200, 100), post_nms_top_n=(100, 50)),
         roi_kwargs=dict(batch_size_per_image=32),
     )
+
+
+class OracleDetector(nn.Module):
+    """Knows the answer for every image it will see (keyed by its pixels) and follows the
+    eval-mode contract: ``model(images) -> (results, proposals)``. ``shift`` moves its boxes;
+    ``labels`` (default all) are the classes it answers, the others it never finds."""
+
+    def __init__(self, dataset, shift=0.0, labels=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.answers = list(dataset)  # (image, target) pairs
+        self.shift, self.labels, self.calls, self.sizes = shift, labels, [], []
+
+    def forward(self, images):
+        assert not self.training and not torch.is_grad_enabled()
+        assert isinstance(images, list), "collate hands the images over as a list"
+        self.calls.extend(image.device for image in images)
+        self.sizes.extend(tuple(image.shape[-2:]) for image in images)
+        results = []
+        for image in images:
+            for known, target in self.answers:
+                if known.shape == image.shape and torch.equal(image, known):
+                    break
+            else:
+                raise AssertionError("unknown image")
+            found = torch.ones(len(target["labels"]), dtype=torch.bool) if self.labels is None \
+                else torch.isin(target["labels"], torch.as_tensor(self.labels))
+            boxes = target["boxes"][found] + self.shift
+            results.append({"boxes": boxes, "scores": torch.ones(len(boxes)),
+                            "labels": target["labels"][found]})
+        return results, [torch.zeros(0, 4) for _ in images]

@@ -1,7 +1,11 @@
 """The course helpers of section 10 and the evaluation functions the notebooks teach with: each
-exercise checker accepts the module's own answer and rejects a typical wrong one."""
+exercise checker accepts a right answer written as a learner would (loops, the paper's formula),
+independently of the module, and rejects a typical wrong one."""
 
+import math
 import os
+
+import numpy as np
 
 import pytest
 import torch
@@ -9,6 +13,86 @@ import torch
 import frcnn_common as fc
 import frcnn_engine as engine
 import frcnn_course as course
+
+
+# ─── exercise checkers: right answers written from the definitions, one box at a time ─────────
+
+
+def iou_by_loops(a, b):
+    """IoU from its definition, |a ∩ b| / |a ∪ b|, one pair of boxes at a time."""
+    out = torch.zeros(len(a), len(b))
+    for i, (ax1, ay1, ax2, ay2) in enumerate(a.tolist()):
+        for j, (bx1, by1, bx2, by2) in enumerate(b.tolist()):
+            overlap = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
+            union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - overlap
+            out[i, j] = overlap / union
+    return out
+
+
+def encode_from_the_paper(reference, gt, weights):
+    """The R-CNN parametrisation (Girshick et al. 2014, eq. 6-9) scaled by the weights, box by box."""
+    wx, wy, ww, wh = weights
+    rows = []
+    for (ax1, ay1, ax2, ay2), (gx1, gy1, gx2, gy2) in zip(reference.tolist(), gt.tolist()):
+        wa, ha, w, h = ax2 - ax1, ay2 - ay1, gx2 - gx1, gy2 - gy1
+        xa, ya, x, y = ax1 + wa / 2, ay1 + ha / 2, gx1 + w / 2, gy1 + h / 2
+        rows.append([wx * (x - xa) / wa, wy * (y - ya) / ha, ww * math.log(w / wa),
+                     wh * math.log(h / ha)])
+    return torch.tensor(rows)
+
+
+def anchors_by_hand(feature_size, stride, sizes, ratios):
+    """torchvision's anchors of one level, as DESIGN.md states them: at each location (row by row)
+    for each ratio r = h / w and size s, ``round([-w, -h, w, h] / 2)`` with w = s / sqrt(r),
+    h = s * sqrt(r), moved to ``(x * stride, y * stride)``."""
+    h, w = feature_size
+    rows = []
+    for y in range(h):
+        for x in range(w):
+            for r in ratios:
+                for s in sizes:
+                    half_w, half_h = s / math.sqrt(r) / 2, s * math.sqrt(r) / 2
+                    rows.append([x * stride + round(-half_w), y * stride + round(-half_h),
+                                 x * stride + round(half_w), y * stride + round(half_h)])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def level_from_the_fpn_paper(boxes):
+    """FPN's eq. (1), k = floor(4 + log2(sqrt(wh) / 224)), with torchvision's 1e-6, in 2..5."""
+    levels = []
+    for x1, y1, x2, y2 in boxes.tolist():
+        k = math.floor(4 + math.log2(math.sqrt((x2 - x1) * (y2 - y1)) / 224) + 1e-6)
+        levels.append(min(max(k, 2), 5))
+    return torch.tensor(levels)
+
+
+def ap_by_hand(boxes, scores, gt_boxes, iou_threshold):
+    """COCO's AP of one class in one image as pycocotools defines it: detections by decreasing
+    score each take the best-overlapping free object at IoU >= t; precision made monotone; its mean
+    at the 101 recall points 0, 0.01, ..., 1."""
+    taken, hits = set(), []
+    for d in sorted(range(len(scores)), key=lambda d: -float(scores[d])):
+        best, best_iou = None, iou_threshold
+        for g in range(len(gt_boxes)):
+            iou = iou_by_loops(boxes[d:d + 1], gt_boxes[g:g + 1]).item()
+            if g not in taken and iou >= best_iou:
+                best, best_iou = g, iou
+        hits.append(best is not None)
+        taken.add(best)
+    true_positives = np.cumsum(hits)
+    recall = true_positives / len(gt_boxes)
+    precision = true_positives / np.arange(1, len(hits) + 1)
+    for i in range(len(precision) - 2, -1, -1):
+        precision[i] = max(precision[i], precision[i + 1])
+    at = np.searchsorted(recall, np.linspace(0.0, 1.0, 101), side="left")
+    return float(np.mean([precision[i] if i < len(precision) else 0.0 for i in at]))
+
+
+def filter_by_loop(result, score_threshold):
+    """Keeps each detection whose score is at least the threshold, visited one by one."""
+    keep = torch.tensor([i for i, score in enumerate(result["scores"]) if score >= score_threshold],
+                        dtype=torch.int64)
+    return {key: value[keep] for key, value in result.items()}
 
 
 # ─── exercise checkers: each rejects a typical wrong answer ───────────────────────────────────
@@ -38,7 +122,7 @@ def nms_by_score(boxes, scores, threshold):
     """The correct greedy loop, as the solution in notebook 03 writes it."""
     keep = []
     for i in torch.sort(scores, descending=True, stable=True).indices.tolist():
-        if all(fc.box_iou(boxes[i:i + 1], boxes[j:j + 1]).item() <= threshold for j in keep):
+        if all(iou_by_loops(boxes[i:i + 1], boxes[j:j + 1]).item() <= threshold for j in keep):
             keep.append(i)
     return torch.tensor(keep, dtype=torch.int64)
 
@@ -70,11 +154,11 @@ def nms_ties_reversed(boxes, scores, threshold):
 
 
 def encode_without_weights(reference, gt, weights):
-    return fc.encode_boxes(reference, gt)  # ignores the (10, 10, 5, 5) normalisation
+    return encode_from_the_paper(reference, gt, (1.0, 1.0, 1.0, 1.0))  # ignores (10, 10, 5, 5)
 
 
 def anchors_with_half_stride_offset(feature_size, stride, sizes, ratios):
-    anchors = course._anchor_grid(feature_size, stride, sizes, ratios)
+    anchors = anchors_by_hand(feature_size, stride, sizes, ratios)
     return anchors + stride / 2  # centred on the cells, not on their corners as torchvision
 
 
@@ -116,18 +200,18 @@ def ap_counting_duplicates(boxes, scores, gt_boxes, iou_threshold):
 
 
 @pytest.mark.parametrize("checker, right, wrong", [
-    (course.check_box_iou, fc.box_iou, iou_with_plus_one),
+    (course.check_box_iou, iou_by_loops, iou_with_plus_one),
     (course.check_nms, nms_by_score, nms_in_index_order),
     (course.check_nms, nms_by_score, nms_suppressed_boxes_still_suppress),
     (course.check_nms, nms_by_score, nms_at_or_above),
     (course.check_nms, nms_by_score, nms_ties_reversed),
-    (course.check_encode_boxes, fc.encode_boxes, encode_without_weights),
-    (course.check_anchor_grid, course._anchor_grid, anchors_with_half_stride_offset),
-    (course.check_level_mapper, lambda b: fc.ROIAlign().level_of(b, 2, 5) + 2, level_rounded),
-    (course.check_level_mapper, lambda b: fc.ROIAlign().level_of(b, 2, 5) + 2, level_without_epsilon),
-    (course.check_average_precision, course._ap_at, ap_counting_duplicates),
-    (course.check_average_precision, course._ap_at, ap_best_or_false_positive),
-    (course.check_score_filter, fc.keep_scoring, filter_strictly_above),
+    (course.check_encode_boxes, encode_from_the_paper, encode_without_weights),
+    (course.check_anchor_grid, anchors_by_hand, anchors_with_half_stride_offset),
+    (course.check_level_mapper, level_from_the_fpn_paper, level_rounded),
+    (course.check_level_mapper, level_from_the_fpn_paper, level_without_epsilon),
+    (course.check_average_precision, ap_by_hand, ap_counting_duplicates),
+    (course.check_average_precision, ap_by_hand, ap_best_or_false_positive),
+    (course.check_score_filter, filter_by_loop, filter_strictly_above),
 ], ids=["iou+1", "nms-unsorted", "nms-suppressed-suppress", "nms->=", "nms-ties-reversed",
         "encode-no-weights", "anchors-offset", "level-rounded", "level-no-epsilon",
         "ap-duplicates", "ap-best-or-fp", "filter->"])

@@ -5,7 +5,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from frcnn_common import (
     COCO_NAMES, IMAGENET_MEAN, IMAGENET_STD, SHAPE_NAMES, COCOStreamDataset,
-    SyntheticShapesDataset, boxes_to_original, cpu_threads, frcnn_collate_fn,
+    SyntheticShapesDataset, boxes_to_original, frcnn_collate_fn,
 )
 
 
@@ -302,22 +301,21 @@ def assert_names_offline_sources(message):
         assert alternative in message
 
 
-HANG_LIMIT_S = 15
-"""A failure that takes longer than this counts as a hang. Left alone, ``datasets`` retries an
-unreachable hub for tens of seconds and a silent server blocks forever; the module answers in about
-the 1-5 s of its own timeout. The margin is for a loaded CI machine importing ``datasets``."""
-
-
-def test_hub_offline_mode_fails_fast(monkeypatch):
+def test_hub_offline_mode_fails_without_touching_the_network(monkeypatch, no_hang):
+    """HF_HUB_OFFLINE set: the error comes at once, without a connection tried (``datasets`` left
+    alone retries an unreachable hub for tens of seconds)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.perf_counter()
+    tried = []
+    connect = socket.socket.connect
+    monkeypatch.setattr(socket.socket, "connect",
+                        lambda sock, address: (tried.append(address), connect(sock, address))[1])
     with pytest.raises(ConnectionError) as error:
-        COCOStreamDataset("val")
-    assert time.perf_counter() - start < HANG_LIMIT_S
+        no_hang(COCOStreamDataset, "val")
+    assert tried == []
     assert_names_offline_sources(str(error.value))
 
 
-def test_hub_that_never_answers_fails_within_the_timeout(monkeypatch):
+def test_hub_that_never_answers_fails_within_the_timeout(monkeypatch, no_hang):
     """A server that accepts the connection and then stays silent: no hang."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
@@ -325,26 +323,22 @@ def test_hub_that_never_answers_fails_within_the_timeout(monkeypatch):
         server.bind(("127.0.0.1", 0))
         server.listen(1)
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
-        start = time.perf_counter()
         with pytest.raises(ConnectionError) as error:
-            COCOStreamDataset("train", hub_timeout=1.0)
-        assert time.perf_counter() - start < HANG_LIMIT_S
+            no_hang(COCOStreamDataset, "train", hub_timeout=1.0)
     assert_names_offline_sources(str(error.value))
 
 
-def test_hub_refusing_connections_fails_fast(monkeypatch):
+def test_hub_refusing_connections_fails_fast(monkeypatch, no_hang):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     with socket.socket() as closed:  # a port nobody listens on
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-    start = time.perf_counter()
     with pytest.raises(ConnectionError, match="unreachable"):
-        COCOStreamDataset("val")
-    assert time.perf_counter() - start < HANG_LIMIT_S
+        no_hang(COCOStreamDataset, "val")
     with pytest.raises(ConnectionError, match="no local directory either"):
-        COCOStreamDataset("val", source="my/coco")
+        no_hang(COCOStreamDataset, "val", source="my/coco")
 
 
 # ─── synthetic shapes ─────────────────────────────────────────────────────────────────────────
@@ -408,16 +402,6 @@ def test_synthetic_flip_and_loader():
     images, targets = next(iter(loader))
     assert [image.shape for image in images] == [(3, 64, 64)] * 4 and len(targets) == 4
     torch.testing.assert_close(images[1], plain[1][0])
-
-
-def test_synthetic_is_fast():
-    data = SyntheticShapesDataset(100, image_size=128)
-    with cpu_threads(1):  # all the work on this thread, so that its CPU time measures it
-        start = time.thread_time()  # CPU time: other processes on the machine cannot inflate it
-        for i in range(100):
-            data[i]
-        seconds = (time.thread_time() - start) / 100
-    assert seconds < 0.02  # seconds per image, about 10x what it takes
 
 
 def test_synthetic_resize_options():

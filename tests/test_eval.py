@@ -7,12 +7,12 @@ import json
 import matplotlib
 import pytest
 import torch
-import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from frcnn_common import COCOStreamDataset, frcnn_collate_fn, SHAPE_NAMES, SyntheticShapesDataset
 from frcnn_engine import coco_map, COCO_METRICS, evaluate
 from frcnn_course import draw_boxes, show_predictions
+from detectors import OracleDetector
 
 matplotlib.use("Agg")
 
@@ -128,34 +128,6 @@ def test_coco_map_is_quiet(capsys):
 # ─── evaluate, with a stand-in detector that follows the contract ─────────────────────────────
 
 
-class OracleDetector(nn.Module):
-    """Knows the answer for every image it will see (keyed by its pixels) and follows the
-    eval-mode contract: ``model(images) -> (results, proposals)``. ``shift`` moves its boxes."""
-
-    def __init__(self, dataset, shift=0.0):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(1))
-        self.answers = list(dataset)  # (image, target) pairs
-        self.shift, self.calls, self.sizes = shift, [], []
-
-    def forward(self, images):
-        assert not self.training and not torch.is_grad_enabled()
-        assert isinstance(images, list), "collate hands the images over as a list"
-        self.calls.extend(image.device for image in images)
-        self.sizes.extend(tuple(image.shape[-2:]) for image in images)
-        results = []
-        for image in images:
-            for known, target in self.answers:
-                if known.shape == image.shape and torch.equal(image, known):
-                    break
-            else:
-                raise AssertionError("unknown image")
-            boxes = target["boxes"] + self.shift
-            results.append({"boxes": boxes, "scores": torch.ones(len(boxes)),
-                            "labels": target["labels"]})
-        return results, [torch.zeros(0, 4) for _ in images]
-
-
 def test_evaluate_maps_back_to_original_pixels(hub_dataset):
     """Resized and flipped inputs: the oracle's boxes, in the input frame, must score 1.0."""
     data = COCOStreamDataset("val", source=hub_dataset, min_size=80, flip_prob=1.0)
@@ -171,26 +143,27 @@ def test_evaluate_maps_back_to_original_pixels(hub_dataset):
     assert 0 < shifted["AP50"] and shifted["AP"] < 1.0
 
 
-def test_evaluate_uses_the_original_frame(hub_dataset, coco_kit):
+def test_evaluate_uses_the_original_frame(hub_dataset, coco_kit, tmp_path):
     """Ground truth is scored in original pixels: a prediction shifted by 6 px in the resized
-    frame (scale ~0.8) is a larger shift in original pixels, and coco_map by hand agrees."""
-    from frcnn_common import boxes_to_original
-
+    frame (scales 0.63 to 1.25 here) is a shift of 6 / scale original pixels. pycocotools, given
+    the scenes' own boxes and those boxes moved (and clipped to the image) by hand, agrees."""
     data = COCOStreamDataset("val", source=hub_dataset, min_size=80)
     loader = DataLoader(data, batch_size=3, collate_fn=frcnn_collate_fn)
     metrics = evaluate(OracleDetector(data, shift=6.0), loader, progress=False)
     predictions, targets = [], []
-    for (_, target), scene in zip(data, coco_kit.SCENES):
+    for (image, _), scene in zip(data, coco_kit.SCENES):
         boxes, labels = coco_kit.expected_objects(scene)
-        original = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-        shifted = boxes_to_original(target["boxes"] + 6.0, target)
-        predictions.append({"boxes": shifted, "scores": torch.ones(len(labels)),
-                            "labels": torch.tensor(labels)})
-        targets.append({"boxes": original, "labels": torch.tensor(labels),
-                        "area": target["area"] / (target["scale"][0] * target["scale"][1])})
-    expected = coco_map(predictions, targets)
-    for name in COCO_METRICS:
-        assert metrics[name] == pytest.approx(expected[name], abs=1e-9)
+        width, height = scene["size"]
+        dx, dy = 6.0 * width / image.shape[2], 6.0 * height / image.shape[1]
+        moved = [[x1 + dx, y1 + dy, min(x2 + dx, width), min(y2 + dy, height)]
+                 for x1, y1, x2, y2 in boxes]
+        labels = torch.tensor(labels, dtype=torch.int64)
+        predictions.append({"boxes": torch.tensor(moved).reshape(-1, 4),
+                            "scores": torch.ones(len(labels)), "labels": labels})
+        targets.append({"boxes": torch.tensor(boxes).reshape(-1, 4), "labels": labels})
+    expected = pycocotools_by_hand(predictions, targets, tmp_path)
+    assert [metrics[name] for name in COCO_METRICS] == pytest.approx(expected, abs=1e-6)
+    assert 0 < metrics["AP50"] and metrics["AP"] < metrics["AP50"]  # some hits, none perfect
 
 
 def test_evaluate_on_synthetic_shapes_with_max_batches():

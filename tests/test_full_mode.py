@@ -11,18 +11,24 @@ import torchvision
 import frcnn_common as fc
 import frcnn_engine as engine
 import frcnn_course as course
-from conftest import SCENES, expected_objects, write_coco_layout
+
+
+README_DEFAULTS = {"steps": 5000, "batch_size": 4, "image_size": 400, "eval_images": 500,
+                   "test_images": 24, "test_size": 800, "minutes": None}
+"""Full mode's knobs unset, as README's "Full mode's knobs" states them."""
 
 
 def test_full_mode_settings_read_each_knob_from_the_environment(monkeypatch):
     for variable in course.FULL_MODE_KNOBS.values():
         monkeypatch.delenv(variable, raising=False)
-    assert course.full_mode_settings() == course.COCO_RECIPE
+    config = course.full_mode_settings()
+    assert {key: config[key] for key in README_DEFAULTS} == README_DEFAULTS
+    assert config["lr_per_16_images"] == 0.02  # torchvision's recipe (DESIGN.md)
     monkeypatch.setenv("FRCNN_STEPS", "20")
     monkeypatch.setenv("FRCNN_IMAGE_SIZE", "256")
     config = course.full_mode_settings(batch_size=2)
     assert (config["steps"], config["image_size"], config["batch_size"]) == (20, 256, 2)
-    assert config["eval_images"] == course.COCO_RECIPE["eval_images"]
+    assert config["eval_images"] == README_DEFAULTS["eval_images"]
 
 
 @pytest.mark.parametrize("text", ["abc", "0", "-3", "2.5"])
@@ -32,11 +38,13 @@ def test_full_mode_settings_refuse_a_bad_value_by_its_name(monkeypatch, text):
         course.full_mode_settings()
 
 
-def test_loader_workers_never_exceed_the_usable_cores():
-    cores = len(os.sched_getaffinity(0))
-    assert engine.loader_workers(64) == cores
-    assert engine.loader_workers(1) == 1
-    assert engine.loader_workers(0) == 0
+@pytest.mark.parametrize("cores, wanted, expected", [
+    (2, 4, 2), (2, 64, 2), (3, 2, 2), (16, 4, 4), (1, 4, 1), (2, 1, 1), (2, 0, 0)])
+def test_loader_workers_never_exceed_the_usable_cores(monkeypatch, cores, wanted, expected):
+    """On a machine (or a CPU set, as Colab's 2 cores) of ``cores`` usable cores."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert engine.loader_workers(wanted) == expected
 
 
 def test_predict_in_chunks_gives_the_detections_of_one_batch():
@@ -53,76 +61,126 @@ def test_predict_in_chunks_gives_the_detections_of_one_batch():
         model.predict(images, batch_size=0)
 
 
-def test_official_layout_rows_become_corner_records_as_notebook_01_reads_them(tmp_path):
-    stream = fc.COCOStreamDataset("val", source=write_coco_layout(str(tmp_path / "coco")))
+def test_official_layout_rows_become_corner_records_as_notebook_01_reads_them(coco_dir, coco_kit):
+    stream = fc.COCOStreamDataset("val", source=coco_dir)
     raw = next(iter(stream.rows))
     assert "objects" not in raw  # a record of the JSON file, not a row of the hub
     record = stream.to_record(raw)
-    boxes, _ = expected_objects(SCENES[0])
+    boxes, _ = coco_kit.expected_objects(coco_kit.SCENES[0])
     assert torch.as_tensor(record["boxes"]).tolist() == boxes
-    width, height = SCENES[0]["size"]
+    width, height = coco_kit.SCENES[0]["size"]
     assert tuple(fc.load_rgb(record["image"]).shape) == (3, height, width)
 
 
 def test_coco_experiment_trains_scores_and_resumes_from_its_checkpoint(tmp_path, monkeypatch,
-                                                                         resnet50_state):
-    """Two steps of ResNet-50 + FPN on a COCO folder, then a rerun asked for one step more."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights))
-    os.makedirs(os.path.dirname(cached))
-    torch.save(resnet50_state, cached)  # torchvision loads a cached file without a download
-    root = str(tmp_path / "coco")
-    write_coco_layout(root, split="train")
-    write_coco_layout(root, split="val")
-    run = dict(source=root, device=torch.device("cpu"), progress=False, batch_size=2,
+                                                                         simulated_coco, cpu, coco_kit):
+    """Two steps of ResNet-50 + FPN on a COCO folder, then a rerun asked for one step more.
+
+    Two steps from random weights learn nothing, so the score is checked for what it must be
+    whatever the weights: every COCO metric and one per class present in the 3 held-out images,
+    none of them pycocotools' -1 of "no ground truth" (a stream that lost its boxes gives it) but
+    those of sizes the scenes do not have (no object over 96² px, none strictly under 32²)."""
+    monkeypatch.setenv("TORCH_HOME", simulated_coco.torch_home)
+    run = dict(source=simulated_coco.coco, device=cpu, progress=False, batch_size=2,
                image_size=64, eval_images=3, checkpoint_path=str(tmp_path / "coco.pt"))
     first = course.coco_experiment(steps=2, **run)
     assert len(first["history"]["total"]) == 2
-    assert os.path.isfile(run["checkpoint_path"]) and 0.0 <= first["metrics"]["AP50"] <= 1.0
+    assert torch.load(run["checkpoint_path"], weights_only=False)["step"] == 2
+    present = {fc.COCO_NAMES[category + 1] for scene in coco_kit.SCENES[:3]
+               for category, _, _ in scene["objects"]}
+    assert set(first["metrics"]) == {*engine.COCO_METRICS, *(f"AP/{name}" for name in present),
+                                     *(f"AP50/{name}" for name in present)}
+    scored = [key for key in first["metrics"] if key not in ("APs", "APl", "ARs", "ARl")]
+    assert all(first["metrics"][key] != -1.0 for key in scored), first["metrics"]  # no large
     assert first["config"]["image_size"] == 64 and first["held_out"].max_samples == 3
     again = course.coco_experiment(steps=3, **run)
-    assert again["history"]["step"][-1] == 3
+    assert again["history"]["step"] == [1, 2, 3]  # the checkpoint's history, and one step more
+    assert again["history"]["total"][:2] == first["history"]["total"]
+
+
+def forward_flops_by_hand(model, images, targets):
+    """2 x multiply-adds of every convolution and linear layer in one training-mode forward pass,
+    counted from each layer's output shape and weight size (hooks, not FlopCounterMode)."""
+    total = 0
+
+    def count(layer, _inputs, output):
+        nonlocal total
+        per_output = layer.weight[0].numel()  # (in / groups) x kh x kw, or in_features
+        total += 2 * output.numel() * per_output
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    try:
+        model.train()
+        with torch.no_grad():
+            model(images, targets)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.eval()
+    return total
 
 
 def test_training_step_flops_grow_with_the_batch_and_leave_no_gradients():
     torch.manual_seed(0)
     data = fc.SyntheticShapesDataset(4, 96, seed=0, train=True)
     model = fc.tiny_detector(data.num_classes).eval()
-    one = course.training_step_flops(model, *fc.frcnn_collate_fn([data[0], data[1]]))
+    batch = fc.frcnn_collate_fn([data[0], data[1]])
+    one = course.training_step_flops(model, *batch)
     two = course.training_step_flops(model, *fc.frcnn_collate_fn([data[i] for i in range(4)]))
-    assert one > 1e8 and 1.7 < two / one < 2.3  # the ROI head's fixed 512 boxes an image scale too
+    # A step is the forward pass plus a backward pass that costs up to two forwards (the gradient
+    # of each layer's input and of its weight; the image needs none): between 2 and 3 forwards.
+    torch.manual_seed(0)  # the same sampled anchors and ROIs as the step above
+    forward = forward_flops_by_hand(model, *batch)
+    assert 2 * forward < one <= 3 * forward, (one, forward)
+    assert 1.7 < two / one < 2.3  # the ROI head's fixed 512 boxes an image scale too
     assert not model.training and all(p.grad is None for p in model.parameters())
 
 
-def test_every_notebook_runs_in_full_mode_on_a_simulated_coco(tmp_path, resnet50_state):
+def files_below(folder):
+    """{path: (size, mtime)} of every file below ``folder``."""
+    found = {}
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            info = os.stat(os.path.join(parent, name))
+            found[os.path.join(parent, name)] = (info.st_size, info.st_mtime_ns)
+    return found
+
+
+def test_every_notebook_runs_in_full_mode_on_a_simulated_coco(tmp_path, simulated_coco):
     """All six notebooks with FRCNN_FAST=0 on the CPU: COCO from a folder in the official layout,
     torchvision's ImageNet and COCO weights replaced by random ones under their cached names,
-    full mode's knobs at tiny sizes. Fails on any error output (about 3 minutes here)."""
+    full mode's knobs at tiny sizes (about 3 minutes here). The notebooks run from a copy in a
+    temporary folder, so what they write (notebook 05's checkpoint) never lands in the tree,
+    where a learner's full-mode run would resume from it. Fails on any error output."""
     import json
+    import shutil
     import subprocess
     import sys
 
-    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
     detection = torchvision.models.detection
-    stand_ins = {torchvision.models.ResNet50_Weights.IMAGENET1K_V1: resnet50_state,
-                 detection.FasterRCNN_ResNet50_FPN_Weights.COCO_V1: detection.fasterrcnn_resnet50_fpn(
-                     weights=None, weights_backbone=None).state_dict()}
-    for weights, state in stand_ins.items():
-        torch.save(state, checkpoints / os.path.basename(weights.url))
-    coco = str(tmp_path / "coco")
-    write_coco_layout(coco, split="train")
-    write_coco_layout(coco, split="val")
-    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "FRCNN_COCO": coco,
-           "MPLBACKEND": "Agg", "FRCNN_STEPS": "2", "FRCNN_BATCH": "2", "FRCNN_IMAGE_SIZE": "96",
-           "FRCNN_EVAL_IMAGES": "4", "FRCNN_TEST_IMAGES": "6", "FRCNN_TEST_SIZE": "96"}
-    env.pop("FRCNN_PROGRESS_FILE", None)
+    torch.save(detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict(),
+               os.path.join(simulated_coco.checkpoints,
+                            os.path.basename(detection.FasterRCNN_ResNet50_FPN_Weights.COCO_V1.url)))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    books = tmp_path / "course" / "notebooks"
+    shutil.copytree(os.path.join(root, "notebooks"), books,
+                    ignore=shutil.ignore_patterns("checkpoints", ".ipynb_checkpoints"))
+    env = {**os.environ, "TORCH_HOME": simulated_coco.torch_home, "FRCNN_COCO": simulated_coco.coco,
+           "PYTHONPATH": root, "MPLBACKEND": "Agg", "FRCNN_STEPS": "2", "FRCNN_BATCH": "2",
+           "FRCNN_IMAGE_SIZE": "96", "FRCNN_EVAL_IMAGES": "4", "FRCNN_TEST_IMAGES": "6",
+           "FRCNN_TEST_SIZE": "96"}
+    env.pop("FRCNN_PROGRESS_FILE", None)
+    tree_before = files_below(os.path.join(root, "notebooks"))
     out = tmp_path / "out"
-    run = subprocess.run([sys.executable, "tools/run_notebooks.py", "--full", "--out", str(out)],
-                         cwd=root, env=env, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, os.path.join(root, "tools", "run_notebooks.py"), "--full",
+                          "--out", str(out), "--notebooks", str(books)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert files_below(os.path.join(root, "notebooks")) == tree_before  # nothing written there
+    checkpoint = torch.load(books / "checkpoints" / "coco_resnet50_fpn.pt", weights_only=False,
+                            mmap=True)
+    assert checkpoint["step"] == 2  # notebook 05 trained the FRCNN_STEPS it was given
     for name in sorted(p.name for p in out.glob("*.ipynb")):
         cells = json.loads((out / name).read_text())["cells"]
         outputs = [o for c in cells if c["cell_type"] == "code" for o in c["outputs"]]

@@ -9,18 +9,14 @@ import frcnn_ops
 from box_sets import rpn_like_boxes, uniform_boxes
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 # ─── nms ──────────────────────────────────────────────────────────────────────────────────────
 
 
 @pytest.mark.parametrize("n", [1, 7, 300, 1100])  # 1100 spans several CPU blocks
 @pytest.mark.parametrize("make", [rpn_like_boxes, uniform_boxes])
 @pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
-def test_nms_matches_torchvision(n, make, threshold):
-    boxes, scores = make(n, _gen(n))
+def test_nms_matches_torchvision(n, make, threshold, gen):
+    boxes, scores = make(n, gen(n))
     expected = tv.nms(boxes, scores, threshold)
     got = fc.nms(boxes, scores, threshold)
     assert got.dtype == torch.int64
@@ -29,8 +25,8 @@ def test_nms_matches_torchvision(n, make, threshold):
         assert 0 < len(got) < n  # the case really suppresses something
 
 
-def test_nms_ties_are_in_index_order_like_torchvision():
-    g = _gen(1)
+def test_nms_ties_are_in_index_order_like_torchvision(gen):
+    g = gen(1)
     boxes, _ = rpn_like_boxes(600, g)
     scores = torch.randint(0, 4, (600,), generator=g).float()  # many equal scores
     expected = tv.nms(boxes, scores, 0.5)
@@ -88,8 +84,8 @@ def test_nms_iou_equal_to_the_rounded_threshold_is_decided_like_torchvision():
     assert fc.nms(boxes, scores, 0.49).tolist() == [0]
 
 
-def test_nms_float64_and_autocast():
-    boxes, scores = uniform_boxes(400, _gen(3))
+def test_nms_float64_and_autocast(gen):
+    boxes, scores = uniform_boxes(400, gen(3))
     expected = tv.nms(boxes, scores, 0.5)
     assert torch.equal(fc.nms(boxes.double(), scores.double(), 0.5), tv.nms(boxes.double(), scores.double(), 0.5))
     half_boxes = boxes.bfloat16()
@@ -100,8 +96,8 @@ def test_nms_float64_and_autocast():
     assert not torch.equal(got, expected)  # the bfloat16 rounding did change the problem
 
 
-def test_ops_leave_the_thread_count_as_it_was():
-    boxes, scores = uniform_boxes(300, _gen(4))
+def test_ops_leave_the_thread_count_as_it_was(gen):
+    boxes, scores = uniform_boxes(300, gen(4))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -132,8 +128,8 @@ def test_cpu_threads_sets_the_count_inside_and_restores_it_after_an_error():
 
 
 @pytest.mark.parametrize("n", [500, 1500])  # torchvision: coordinate trick / per-class loop
-def test_batched_nms_matches_torchvision(n):
-    g = _gen(n)
+def test_batched_nms_matches_torchvision(n, gen):
+    g = gen(n)
     boxes, scores = rpn_like_boxes(n, g)
     idxs = torch.randint(0, 6, (n,), generator=g)
     expected = tv.batched_nms(boxes, scores, idxs, 0.5)
@@ -142,8 +138,8 @@ def test_batched_nms_matches_torchvision(n):
     assert len(got) > len(fc.nms(boxes, scores, 0.5))  # classes do protect each other
 
 
-def test_batched_nms_ties_match_torchvision():
-    g = _gen(5)
+def test_batched_nms_ties_match_torchvision(gen):
+    g = gen(5)
     boxes, _ = rpn_like_boxes(800, g)
     scores = torch.randint(0, 3, (800,), generator=g).float()
     idxs = torch.randint(0, 4, (800,), generator=g)
@@ -193,8 +189,8 @@ def _rois(g, n_images=2, k=40, extent=64.0):
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
 @pytest.mark.parametrize("scale,out", [(0.25, 7), (0.5, (3, 5)), (1.0, 2)])
-def test_roi_align_matches_torchvision(aligned, sampling_ratio, scale, out):
-    g = _gen(11)
+def test_roi_align_matches_torchvision(aligned, sampling_ratio, scale, out, gen):
+    g = gen(11)
     size = int(64 * scale)
     x = torch.randn(2, 3, size, size + 3, generator=g)
     rois = _rois(g)
@@ -205,8 +201,8 @@ def test_roi_align_matches_torchvision(aligned, sampling_ratio, scale, out):
     assert (expected.abs().sum((1, 2, 3)) > 0).sum() > 30  # most boxes really sample values
 
 
-def test_roi_align_float64_is_exact_to_rounding():
-    g = _gen(12)
+def test_roi_align_float64_is_exact_to_rounding(gen):
+    g = gen(12)
     x = torch.randn(2, 4, 16, 20, generator=g, dtype=torch.float64)
     rois = _rois(g).double()
     for aligned in (False, True):
@@ -216,8 +212,8 @@ def test_roi_align_float64_is_exact_to_rounding():
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 
-def test_roi_align_outside_boxes_give_zeros_and_legacy_boxes_are_at_least_one_pixel():
-    x = torch.randn(1, 2, 8, 8, generator=_gen(13))
+def test_roi_align_outside_boxes_give_zeros_and_legacy_boxes_are_at_least_one_pixel(gen):
+    x = torch.randn(1, 2, 8, 8, generator=gen(13))
     rois = torch.tensor([[0.0, -30, -30, -10, -10], [0.0, 3, 3, 3, 3]])
     got = fc.roi_align(x, rois, 2, 1.0, 2, aligned=False)
     assert torch.equal(got[0], torch.zeros(2, 2, 2))
@@ -228,8 +224,8 @@ def test_roi_align_outside_boxes_give_zeros_and_legacy_boxes_are_at_least_one_pi
     assert torch.equal(aligned[1], torch.zeros(2, 2, 2))  # empty adaptive grid -> zeros
 
 
-def test_roi_align_box_formats_agree():
-    g = _gen(14)
+def test_roi_align_box_formats_agree(gen):
+    g = gen(14)
     x = torch.randn(3, 4, 16, 16, generator=g)
     per_image = [torch.rand(5, 4, generator=g) * 32, torch.zeros(0, 4), torch.rand(3, 4, generator=g) * 64]
     per_image = [torch.cat((b[:, :2], b[:, :2] + b[:, 2:]), 1) for b in per_image]
@@ -242,9 +238,9 @@ def test_roi_align_box_formats_agree():
 
 
 @pytest.mark.parametrize("sampling_ratio,k", [(-1, 400), (2, 5500)])
-def test_roi_align_many_sampling_points_are_processed_in_chunks(sampling_ratio, k):
+def test_roi_align_many_sampling_points_are_processed_in_chunks(sampling_ratio, k, gen):
     # over 2**20 sampling points: the pure version splits the boxes into chunks
-    g = _gen(20)
+    g = gen(20)
     x = torch.randn(2, 1, 64, 64, generator=g)
     xy = torch.rand(k, 2, generator=g) * 8
     rois = torch.cat((torch.randint(0, 2, (k, 1), generator=g).float(), xy, xy + 56), 1)
@@ -264,8 +260,8 @@ def test_roi_align_no_boxes():
 
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
-def test_roi_align_gradient_matches_torchvision(aligned, sampling_ratio):
-    g = _gen(15)
+def test_roi_align_gradient_matches_torchvision(aligned, sampling_ratio, gen):
+    g = gen(15)
     x = torch.randn(2, 3, 16, 17, generator=g)
     rois = _rois(g)
     weight = torch.randn(len(rois), 3, 4, 4, generator=g)
@@ -278,15 +274,15 @@ def test_roi_align_gradient_matches_torchvision(aligned, sampling_ratio):
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-5)
 
 
-def test_roi_align_gradcheck():
-    g = _gen(16)
+def test_roi_align_gradcheck(gen):
+    g = gen(16)
     x = torch.randn(1, 2, 6, 7, generator=g, dtype=torch.float64, requires_grad=True)
     rois = torch.tensor([[0, 1.0, 2, 17, 20], [0, -3, -2, 9, 30], [0, 20, 20, 31, 26]], dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda t: fc.roi_align(t, rois, 3, 0.25, -1, True), (x,))
 
 
-def test_roi_align_autocast_computes_in_float32_and_returns_input_dtype():
-    g = _gen(17)
+def test_roi_align_autocast_computes_in_float32_and_returns_input_dtype(gen):
+    g = gen(17)
     x = torch.randn(1, 4, 16, 16, generator=g).bfloat16()
     rois = _rois(g, n_images=1)[:10]
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -308,8 +304,8 @@ def _torchvision_ops_called(fn):
     }
 
 
-def test_backend_switch_changes_the_implementation():
-    boxes, scores = rpn_like_boxes(200, _gen(18))
+def test_backend_switch_changes_the_implementation(gen):
+    boxes, scores = rpn_like_boxes(200, gen(18))
     idxs = torch.arange(200) % 3
     x = torch.randn(1, 2, 20, 20)
     calls = [  # (the kernel torchvision's backend must run, the call)
@@ -352,8 +348,8 @@ def test_ops_backend_context_restores_after_an_error():
 
 
 @pytest.mark.parametrize("backend", ["torchvision", "pure"])
-def test_run_op_accepts_low_precision_inputs(backend):
-    g = _gen(19)
+def test_run_op_accepts_low_precision_inputs(backend, gen):
+    g = gen(19)
     x = torch.randn(1, 3, 16, 16, generator=g)
     rois = _rois(g, n_images=1)[:12]
     boxes, scores = uniform_boxes(100, g)

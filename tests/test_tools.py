@@ -35,10 +35,10 @@ def write_notebook(path, cells):
     nbformat.write(nb, path)
 
 
-def run_tool(args, **env):
+def run_tool(args, hang_limit_s, **env):
     environment = {**os.environ, "PYTHONPATH": ROOT, **env}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=environment,
-                          timeout=240)
+                          timeout=hang_limit_s)
 
 
 PROGRESS_CELL = """import os
@@ -47,7 +47,7 @@ with open(os.environ["FRCNN_PROGRESS_FILE"], "a") as f:  # as frcnn_engine.Progr
 print("held-out AP50 = 0.5")"""
 
 
-def test_a_slow_cell_fails_with_the_knob_named_and_out_keeps_only_what_ran(tmp_path):
+def test_a_slow_cell_fails_with_the_knob_named_and_out_keeps_only_what_ran(tmp_path, hang_limit_s):
     books, out = tmp_path / "books", tmp_path / "out"
     books.mkdir()
     out.mkdir()
@@ -56,13 +56,13 @@ def test_a_slow_cell_fails_with_the_knob_named_and_out_keeps_only_what_ran(tmp_p
     write_notebook(books / "02_slow.ipynb", [
         ("markdown", "# A slow one", []),
         ("code", "print('first')", [png_output()]),  # runs: its old figure is replaced by nothing
-        ("code", "import time\ntime.sleep(60)", []),
+        ("code", "import threading\nthreading.Event().wait()", []),  # never ends by itself
         ("markdown", "## Later", []),
         ("code", "print('never')", [nbformat.v4.new_output("stream", text="STALE\n"), png_output()]),
     ])
     write_notebook(books / "03_never.ipynb", [("code", "print('never')", [])])
     run = run_tool([os.path.join(TOOLS, "run_notebooks.py"), "--out", str(out), "--timeout", "3",
-                    "--notebooks", str(books)])
+                    "--notebooks", str(books)], hang_limit_s)
     assert run.returncode == 1, run.stdout + run.stderr
     assert "code cell 2 of 3 (cell 3 of 5 with the text cells)" in run.stderr
     assert "make run TIMEOUT=SECONDS" in run.stderr and "ran past the time limit of 3 s" in run.stderr
@@ -77,13 +77,26 @@ def test_a_slow_cell_fails_with_the_knob_named_and_out_keeps_only_what_ran(tmp_p
     assert "held-out AP50 = 0.5" in index and "03_never.ipynb" in index.split("## Not run")[1]
 
 
-def test_with_progress_relays_the_lines_of_a_command(tmp_path):
+def test_with_progress_relays_the_lines_of_a_command(tmp_path, hang_limit_s):
+    """The child writes a progress line, then waits until the relayed line has reached the
+    terminal (the test then creates ``go``): the line is shown while the command runs."""
     script = tmp_path / "child.py"
-    script.write_text("import os, time\n"
+    go = tmp_path / "go"
+    script.write_text("import os, sys, time\n"
                       "with open(os.environ['FRCNN_PROGRESS_FILE'], 'a') as f:\n"
                       "    f.write('epoch 0: 3/9 [00:01<00:02, total=1.0]\\n')\n"
-                      "time.sleep(1.5)\n"
-                      "raise SystemExit(3)\n")
-    run = run_tool([os.path.join(TOOLS, "with_progress.py"), sys.executable, str(script)])
-    assert run.returncode == 3
-    assert "    epoch 0: 3/9 [00:01<00:02, total=1.0]" in run.stderr
+                      f"for _ in range({hang_limit_s * 10}):  # until the test says go, or a hang\n"
+                      f"    if os.path.exists({str(go)!r}):\n"
+                      "        raise SystemExit(3)\n"
+                      "    time.sleep(0.1)\n"
+                      "raise SystemExit(4)\n")
+    relay = subprocess.Popen([sys.executable, os.path.join(TOOLS, "with_progress.py"), sys.executable,
+                              str(script)], stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": ROOT})
+    shown = []
+    for line in relay.stderr:
+        shown.append(line)
+        if "epoch 0: 3/9" in line:
+            go.touch()
+    assert relay.wait() == 3, "".join(shown)  # 4: the line never came while the child waited
+    assert "    epoch 0: 3/9 [00:01<00:02, total=1.0]\n" in shown

@@ -26,10 +26,6 @@ from torchvision.ops.misc import FrozenBatchNorm2d as TvFrozenBatchNorm2d
 import frcnn_common as fc
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def _shape_pattern(*dims: int) -> str:
     """A regex for a shape as an error message may print it: ``[10, 5]``, ``(10, 5)``,
     ``torch.Size([10, 5])``, ``[10]`` or ``(10,)``."""
@@ -75,10 +71,10 @@ def test_box_area_of_integer_boxes_is_widened_like_torchvision(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_box_area_of_float_boxes_keeps_the_dtype_and_matches_torchvision(dtype):
+def test_box_area_of_float_boxes_keeps_the_dtype_and_matches_torchvision(dtype, gen):
     """TestBoxArea.test_float_boxes: large COCO-like boxes, area computed in the boxes' dtype."""
-    xy = torch.rand(6, 2, generator=_gen(0), dtype=torch.float64) * 400
-    wh = torch.rand(6, 2, generator=_gen(1), dtype=torch.float64) * 800 + 1
+    xy = torch.rand(6, 2, generator=gen(0), dtype=torch.float64) * 400
+    wh = torch.rand(6, 2, generator=gen(1), dtype=torch.float64) * 800 + 1
     boxes = torch.cat((xy, xy + wh), 1).to(dtype)
     expected = [(b[2] - b[0]) * (b[3] - b[1]) for b in boxes.double().tolist()]  # Python floats
     got = fc.box_area(boxes)
@@ -164,9 +160,9 @@ def test_box_iou_of_float_boxes_matches_a_float64_reference(dtype):
     torch.testing.assert_close(got, tv.box_iou(boxes, boxes))
 
 
-def test_box_iou_matrix_equals_the_iou_of_each_pair_alone():
+def test_box_iou_matrix_equals_the_iou_of_each_pair_alone(gen):
     """TestBoxIou.test_iou_cartesian: entry (i, j) of the [N, M] matrix is box_iou of the pair."""
-    g = _gen(2)
+    g = gen(2)
     xy_a, xy_b = torch.rand(5, 2, generator=g), torch.rand(7, 2, generator=g)
     a = torch.cat((xy_a, xy_a + torch.rand(5, 2, generator=g)), 1)
     b = torch.cat((xy_b, xy_b + torch.rand(7, 2, generator=g)), 1)
@@ -209,9 +205,9 @@ def _boxes_with_a_pair_just_above(n: int, threshold: float, g: torch.Generator):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("threshold", [0.2, 0.5, 0.8])
-def test_nms_equals_the_reference_greedy_loop(threshold, seed):
+def test_nms_equals_the_reference_greedy_loop(threshold, seed, gen):
     """TestNMS.test_nms_ref: 1000 random boxes, one pair planted just above the threshold."""
-    boxes, scores = _boxes_with_a_pair_just_above(1000, threshold, _gen(seed))
+    boxes, scores = _boxes_with_a_pair_just_above(1000, threshold, gen(seed))
     planted = _pairwise_iou_float64(boxes[:1], boxes[-1:]).item()
     assert threshold < planted < threshold + 1e-4
     expected = _reference_nms(boxes, scores, threshold)
@@ -280,10 +276,10 @@ def test_nms_of_large_float16_boxes_keeps_what_float32_keeps():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_batched_nms_equals_nms_run_on_each_category(seed):
+def test_batched_nms_equals_nms_run_on_each_category(seed, gen):
     """Boxes overlapping heavily (IoU ~0.8 to 1) at threshold 0.9 in four categories: the result
     is the union of greedy NMS run per category, ordered by decreasing score."""
-    g = _gen(seed)
+    g = gen(seed)
     n = 1000
     boxes = torch.cat((torch.rand(n, 2, generator=g), torch.rand(n, 2, generator=g) + 10), 1)
     assert boxes[:, 0].max() < boxes[:, 2].min() and boxes[:, 1].max() < boxes[:, 3].min()
@@ -373,11 +369,11 @@ ROIS_PER_IMAGE = [
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
 @pytest.mark.parametrize("aligned", [False, True])
-def test_roi_align_equals_the_reference_loops(aligned, sampling_ratio, dtype, box_format):
+def test_roi_align_equals_the_reference_loops(aligned, sampling_ratio, dtype, box_format, gen):
     """TestRoIAlign.test_forward: against a slow reference written with the bilinear rule, for
     aligned True/False, adaptive and fixed sampling grids, boxes as [K, 5] or as a list of
     [L, 4] (one image with none), float16/32/64 maps."""
-    x = torch.rand(3, 5, 10, 12, generator=_gen(3), dtype=torch.float64).to(dtype)
+    x = torch.rand(3, 5, 10, 12, generator=gen(3), dtype=torch.float64).to(dtype)
     per_image = [torch.tensor(b, dtype=dtype).reshape(-1, 4) for b in ROIS_PER_IMAGE]
     rois = torch.cat([torch.cat((torch.full((len(b), 1), float(i), dtype=dtype), b), 1)
                       for i, b in enumerate(per_image)])
@@ -405,10 +401,10 @@ def test_roi_align_refuses_boxes_of_the_wrong_shape(boxes, named):
 
 
 @pytest.mark.parametrize("aligned", [False, True])
-def test_roi_align_gradcheck_with_one_sample_per_bin(aligned):
+def test_roi_align_gradcheck_with_one_sample_per_bin(aligned, gen):
     """TestRoIAlign.test_backward: torch.autograd.gradcheck in float64 on a tiny input, one
     sampling point per bin."""
-    x = torch.rand(1, 8, 5, 5, generator=_gen(4), dtype=torch.float64).requires_grad_()
+    x = torch.rand(1, 8, 5, 5, generator=gen(4), dtype=torch.float64).requires_grad_()
     rois = torch.tensor([[0, 0, 0, 4, 4], [0, 0, 2, 3, 4], [0, 2, 2, 4, 4]], dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda t: fc.roi_align(t, rois, 2, 1.0, 1, aligned), (x,))
 
@@ -502,8 +498,8 @@ def test_sample_balanced_counts_equal_torchvision_sampler(batch_size, positive_f
 
 
 @pytest.mark.parametrize("high, low, allow_low_quality", [(0.7, 0.3, True), (0.5, 0.5, False)])
-def test_match_boxes_equals_torchvision_matcher(high, low, allow_low_quality):
-    g = _gen(5)
+def test_match_boxes_equals_torchvision_matcher(high, low, allow_low_quality, gen):
+    g = gen(5)
     xy = torch.rand(300, 2, generator=g) * 200
     anchors = torch.cat((xy, xy + torch.rand(300, 2, generator=g) * 60 + 4), 1)
     gt = torch.tensor([[10.0, 10, 60, 70], [100, 40, 180, 90], [30, 150, 45, 160], [5, 5, 250, 250]])
@@ -528,10 +524,10 @@ def _random_boxes(n, g, extent=50.0):
 
 
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)])
-def test_encode_then_decode_gives_the_boxes_back(weights):
+def test_encode_then_decode_gives_the_boxes_back(weights, gen):
     """TestModelsDetectionUtils.test_box_linear_coder, for the (dx, dy, dw, dh) coder of the RPN
     (weights 1) and of the ROI head (10, 10, 5, 5); the deltas equal torchvision's BoxCoder's."""
-    g = _gen(6)
+    g = gen(6)
     boxes, proposals = _random_boxes(10, g), _random_boxes(10, g, extent=100.0)
     deltas = fc.encode_boxes(proposals, boxes, weights)
     assert deltas.shape == (10, 4)
@@ -605,14 +601,14 @@ def test_rpn_with_no_ground_truth_boxes_samples_only_negatives():
     assert len(proposals) == 1 and proposals[0].shape[1] == 4
 
 
-def test_roi_heads_with_no_ground_truth_boxes_label_every_proposal_background():
+def test_roi_heads_with_no_ground_truth_boxes_label_every_proposal_background(gen):
     """TestModelsDetectionNegativeSamples.test_assign_targets_to_proposals: with no boxes every
     proposal is sampled as background (label 0); the box loss is exactly 0 and the class loss is
     the cross-entropy of the logits against class 0."""
     torch.manual_seed(0)
     roi_heads = fc.ROIHeads(fc.ROIAlign(7, 2), fc.TwoMLPHead(4 * 7 * 7, 32),
                             fc.FastRCNNPredictor(32, 2)).train()
-    proposals = [_random_boxes(20, _gen(7), extent=45.0)]
+    proposals = [_random_boxes(20, gen(7), extent=45.0)]
     sampled, labels, _ = roi_heads.sample(proposals, [_empty_target()])
     assert sampled[0].shape == (20, 4)  # fewer than 512 proposals: all are sampled
     assert labels[0].dtype == torch.int64 and labels[0].shape == (20,)
