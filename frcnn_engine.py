@@ -645,12 +645,12 @@ def _default_checkpoint_every(total_steps: int) -> int:
 
 
 def _start_state(path: Optional[str], resume: bool, parts: tuple, epochs: int,
-                 steps_per_epoch: int, every: Optional[int], say: bool) -> TrainState:
+                 steps_per_epoch: int, every: Optional[int], verbose: bool) -> TrainState:
     """The state :func:`fit` starts from: the checkpoint at ``path`` (``parts``: model,
     optimizer, scheduler, scaler) when resuming, else a fresh one; says which."""
     if path is not None and resume and os.path.exists(path):
-        return _resume(path, *parts, epochs, steps_per_epoch, say)
-    if path is not None and say:
+        return _resume(path, *parts, epochs, steps_per_epoch, verbose)
+    if path is not None and verbose:
         why = (f"resume=False: starting fresh, {path} is overwritten" if os.path.exists(path)
                else f"No checkpoint at {path}, starting fresh")
         cadence = "" if not every else "after every step and " if every == 1 else f"every {every} steps and "
@@ -658,7 +658,7 @@ def _start_state(path: Optional[str], resume: bool, parts: tuple, epochs: int,
     return TrainState(total_steps=epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
 
 
-def _relayout(state: TrainState, steps_per_epoch: int, path: str, say: bool) -> None:
+def _relayout(state: TrainState, steps_per_epoch: int, path: str, verbose: bool) -> None:
     """A checkpoint of a run with another ``steps_per_epoch``: its steps continue in the new
     layout (epoch ``step // steps_per_epoch``, the rest into it). The data order is that of an
     uninterrupted run when the run stays in the epoch it was in, a fresh shuffle otherwise."""
@@ -669,14 +669,14 @@ def _relayout(state: TrainState, steps_per_epoch: int, path: str, say: bool) -> 
     state.epoch, state.batch_in_epoch = divmod(state.step, steps_per_epoch)
     if state.epoch != epoch_of_rng:
         state.epoch_rng = None  # that epoch's first batches are not known: a fresh order
-    if say:
+    if verbose:
         say(f"{path} was saved by a run of {old} steps per epoch and this run has "
              f"{steps_per_epoch}: its {state.step} steps count as epoch {state.epoch}, batch "
              f"{state.batch_in_epoch}.")
 
 
 def _resume(path: str, model, optimizer, scheduler, scaler, epochs: int, steps_per_epoch: int,
-            say: bool) -> TrainState:
+            verbose: bool) -> TrainState:
     """Load ``path`` for :func:`fit` and say what goes on: where the run stands (re-laid out for a
     changed ``steps_per_epoch``), a schedule re-planned for a new length (its learning rate set
     for the current step at once, so that no step runs at the old schedule's final rate), or that
@@ -684,15 +684,15 @@ def _resume(path: str, model, optimizer, scheduler, scaler, epochs: int, steps_p
     state = load_checkpoint(path, model, optimizer, scheduler, scaler)
     total_steps = epochs * steps_per_epoch
     planned, state.total_steps = state.total_steps, total_steps
-    _relayout(state, steps_per_epoch, path, say)
+    _relayout(state, steps_per_epoch, path, verbose)
     if state.epoch >= epochs:
-        if say:
+        if verbose:
             say(f"Nothing to train: {path} already holds {state.epoch} epochs ({state.step} "
                  f"steps) and this run asks for {epochs} epochs of {steps_per_epoch} steps. Pass "
                  "more epochs or steps to continue it, or resume=False (train.py: --no-resume) "
                  "to start over.")
         return state
-    if say:
+    if verbose:
         say(f"Resuming from {path}: epoch {state.epoch}, step {state.step} (batch "
              f"{state.batch_in_epoch} of the epoch), continuing to step {total_steps} "
              f"({epochs} epochs in all).")
@@ -701,7 +701,7 @@ def _resume(path: str, model, optimizer, scheduler, scaler, epochs: int, steps_p
         for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs,
                                        scheduler.lr_lambdas):
             group["lr"] = base * factor(scheduler.last_epoch)
-        if say:
+        if verbose:
             say(f"The run was planned over {planned} steps and now spans {total_steps}: the "
                  f"learning-rate schedule is re-planned and continues at "
                  f"{optimizer.param_groups[0]['lr']:.3g}.")
@@ -823,7 +823,7 @@ def fit(
     if checkpoint_path is not None and checkpoint_every is None:
         checkpoint_every = _default_checkpoint_every(total_steps)
     state = _start_state(checkpoint_path, resume, (model, optimizer, scheduler, scaler), epochs,
-                         steps_per_epoch, checkpoint_every, say=progress and _is_main_process())
+                         steps_per_epoch, checkpoint_every, verbose=progress and _is_main_process())
     saved = {"step": state.step if state.step else None, "rng": get_rng_state()}
 
     def save(current: TrainState, every: Optional[int] = 1) -> None:
