@@ -520,9 +520,11 @@ def _gather_rng(rng: Optional[dict]) -> List[Optional[dict]]:
 
 def save_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                     scheduler=None, scaler: Optional[torch.amp.GradScaler] = None,
-                    state: Optional[TrainState] = None, **extra) -> None:
+                    state: Optional[TrainState] = None, *, provenance: Optional[dict] = None,
+                    **extra) -> None:
     """Write everything a run needs to continue: the weights, the optimiser's momentum, the
-    scheduler's step, the AMP scaler, the epoch/step and every rank's random state.
+    scheduler's step, the AMP scaler, the epoch/step and every rank's random state, and
+    ``provenance``, what the run trains on (see :func:`fit`).
 
     The file is written atomically: to a temporary file beside ``path``, flushed to disk, then
     renamed over ``path`` in one step. A crash or Ctrl-C while saving leaves the previous
@@ -546,6 +548,7 @@ def save_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
         **state.saved_fields(),
         "rng": rng,
         "epoch_rng": epoch_rng,
+        "provenance": provenance,
         "extra": extra,
     }
     folder = os.path.dirname(os.path.abspath(path))
@@ -560,6 +563,38 @@ def save_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def describe_source(source) -> str:
+    """Data or weights as a checkpoint's provenance records them: a file or folder by its
+    absolute path, a name (a hub dataset, torchvision's weights) as it is, an object by its repr."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.path.abspath(source) if os.path.exists(source) else str(source)
+    return repr(source)
+
+
+class ProvenanceMismatch(ValueError):
+    """Raised when a run would resume from a checkpoint trained on something else."""
+
+
+def _check_provenance(path: str, checkpoint, provenance: dict) -> None:
+    """Refuse a checkpoint whose recorded provenance differs from ``provenance``, naming each
+    difference and what to pass; a checkpoint that records none resumes, with a one-line note."""
+    recorded = checkpoint.get("provenance") if isinstance(checkpoint, dict) else None
+    if recorded is None:
+        if _is_main_process():
+            say(f"Note: {path} does not record what it was trained on (an older checkpoint): "
+                "resuming it unchecked.")
+        return
+    differ = [f"{key} {recorded.get(key, 'not recorded')!r} (this run: "
+              f"{provenance.get(key, 'not recorded')!r})"
+              for key in sorted(set(recorded) | set(provenance), key=str)
+              if recorded.get(key) != provenance.get(key)]
+    if differ:
+        raise ProvenanceMismatch(
+            f"{path} was trained on something else than this run: {'; '.join(differ)}. To keep "
+            "it, pass another checkpoint path (train.py: --checkpoint OTHER.pt); to start over "
+            "and overwrite it, pass resume=False (train.py: --no-resume).")
 
 
 def _check_compatible(path: str, model: nn.Module, checkpoint: dict, weights: dict) -> None:
@@ -592,19 +627,24 @@ def _check_compatible(path: str, model: nn.Module, checkpoint: dict, weights: di
 
 def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                     scheduler=None, scaler: Optional[torch.amp.GradScaler] = None, *,
-                    map_location="cpu") -> TrainState:
+                    map_location="cpu", provenance: Optional[dict] = None) -> TrainState:
     """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and the optimiser,
     scheduler and scaler when given) and return the :class:`TrainState` to continue from.
 
     Pass the returned state to :func:`train_one_epoch` (``fit`` does this for you) and the run
     continues where it stopped, down to the data order and the random numbers. A plain
     ``state_dict`` file (no training state) loads too; the returned state is then a fresh one.
+    With ``provenance`` (what this run trains on), a checkpoint that records another is refused
+    before anything loads; one that records none loads with a note.
 
     Raises:
+        ProvenanceMismatch: the checkpoint records another ``provenance``.
         ValueError: the checkpoint was made for a different ``num_classes`` or architecture.
         FileNotFoundError: no file at ``path``.
     """
     checkpoint = read_checkpoint(path, map_location)
+    if provenance is not None:
+        _check_provenance(path, checkpoint, provenance)
     net = unwrap_model(model)
     if not (isinstance(checkpoint, dict) and checkpoint.get("format") == CHECKPOINT_FORMAT):
         weights = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
@@ -645,11 +685,12 @@ def _default_checkpoint_every(total_steps: int) -> int:
 
 
 def _start_state(path: Optional[str], resume: bool, parts: tuple, epochs: int,
-                 steps_per_epoch: int, every: Optional[int], verbose: bool) -> TrainState:
+                 steps_per_epoch: int, every: Optional[int], verbose: bool,
+                 provenance: Optional[dict]) -> TrainState:
     """The state :func:`fit` starts from: the checkpoint at ``path`` (``parts``: model,
     optimizer, scheduler, scaler) when resuming, else a fresh one; says which."""
     if path is not None and resume and os.path.exists(path):
-        return _resume(path, *parts, epochs, steps_per_epoch, verbose)
+        return _resume(path, *parts, epochs, steps_per_epoch, verbose, provenance)
     if path is not None and verbose:
         why = (f"resume=False: starting fresh, {path} is overwritten" if os.path.exists(path)
                else f"No checkpoint at {path}, starting fresh")
@@ -676,12 +717,12 @@ def _relayout(state: TrainState, steps_per_epoch: int, path: str, verbose: bool)
 
 
 def _resume(path: str, model, optimizer, scheduler, scaler, epochs: int, steps_per_epoch: int,
-            verbose: bool) -> TrainState:
+            verbose: bool, provenance: Optional[dict]) -> TrainState:
     """Load ``path`` for :func:`fit` and say what goes on: where the run stands (re-laid out for a
     changed ``steps_per_epoch``), a schedule re-planned for a new length (its learning rate set
     for the current step at once, so that no step runs at the old schedule's final rate), or that
-    there is nothing left to train."""
-    state = load_checkpoint(path, model, optimizer, scheduler, scaler)
+    there is nothing left to train. A checkpoint of another ``provenance`` is refused."""
+    state = load_checkpoint(path, model, optimizer, scheduler, scaler, provenance=provenance)
     total_steps = epochs * steps_per_epoch
     planned, state.total_steps = state.total_steps, total_steps
     _relayout(state, steps_per_epoch, path, verbose)
@@ -776,6 +817,7 @@ def fit(
     resume: bool = True,
     progress: bool = True,
     on_epoch_end=None,
+    provenance: Optional[dict] = None,
 ) -> Dict[str, List[float]]:
     """Train for ``epochs`` epochs with checkpoints, and return the loss history of the whole run.
 
@@ -802,6 +844,10 @@ def fit(
         gradient_checkpointing: when not None, switched on or off on the model before training.
         on_epoch_end: called as ``on_epoch_end(epoch, state)`` after each epoch's checkpoint,
             e.g. to evaluate.
+        provenance: what the run trains on, e.g. ``{"data": ..., "weights": ..., "model": ...,
+            "num_classes": ...}`` (plain values); stored in each checkpoint. Resuming from a
+            checkpoint that records another raises :class:`ProvenanceMismatch`, naming what
+            differs; one that records none (an older checkpoint) resumes with a note.
         The other arguments are those of :func:`train_one_epoch`.
     """
     device = torch.device(device)
@@ -823,12 +869,14 @@ def fit(
     if checkpoint_path is not None and checkpoint_every is None:
         checkpoint_every = _default_checkpoint_every(total_steps)
     state = _start_state(checkpoint_path, resume, (model, optimizer, scheduler, scaler), epochs,
-                         steps_per_epoch, checkpoint_every, verbose=progress and _is_main_process())
+                         steps_per_epoch, checkpoint_every, progress and _is_main_process(),
+                         provenance)
     saved = {"step": state.step if state.step else None, "rng": get_rng_state()}
 
     def save(current: TrainState, every: Optional[int] = 1) -> None:
         if checkpoint_path is not None and every and current.step % every == 0:
-            save_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, current)
+            save_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, current,
+                            provenance=provenance)
             saved["step"] = current.step
 
     def after_step(current: TrainState) -> None:

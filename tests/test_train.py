@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from frcnn_common import FasterRCNN, SyntheticShapesDataset, TinyBackbone, unwrap_model
 from frcnn_engine import (_default_checkpoint_every, cleanup_distributed, fit, load_checkpoint,
                           make_loader, make_optimizer, make_scheduler, NonFiniteLossError,
-                          save_checkpoint, setup_distributed, train_one_epoch, TrainingInterrupted,
+                          ProvenanceMismatch, save_checkpoint, setup_distributed, train_one_epoch, TrainingInterrupted,
                           TrainState, wrap_distributed)
 from frcnn_course import shapes_experiment
 
@@ -377,6 +377,80 @@ def test_checkpoint_from_other_num_classes_is_refused(tmp_path):
         load_checkpoint(path, small_detector(num_classes=3))
 
 
+def test_a_checkpoint_of_other_data_refuses_to_resume_saying_what_differs(tmp_path, capsys):
+    path = str(tmp_path / "run.pt")
+    loader = make_loader(toy_data(4), 2, shuffle=False)
+    shapes = {"data": "shapes", "weights": "random", "num_classes": 2}
+    fit(ToyDetector(), loader, 1, checkpoint_path=path, provenance=shapes, **QUIET)
+    assert torch.load(path, weights_only=True)["provenance"] == shapes
+    other = ToyDetector()
+    before = weights(other)
+    mine = {**shapes, "data": "/data/my_data", "weights": "finetune runs/shapes.pt"}
+    with pytest.raises(ProvenanceMismatch) as refused:
+        fit(other, loader, 2, checkpoint_path=path, provenance=mine, **QUIET)
+    assert str(refused.value) == (
+        f"{path} was trained on something else than this run: data 'shapes' (this run: "
+        "'/data/my_data'); weights 'random' (this run: 'finetune runs/shapes.pt'). To keep it, "
+        "pass another checkpoint path (train.py: --checkpoint OTHER.pt); to start over and "
+        "overwrite it, pass resume=False (train.py: --no-resume).")
+    assert_same_weights(before, weights(other), atol=0)  # nothing loaded
+    history = fit(other, loader, 1, checkpoint_path=path, provenance=mine, resume=False, **QUIET)
+    assert len(history["total"]) == 2
+    assert torch.load(path, weights_only=True)["provenance"] == mine
+
+
+def test_a_checkpoint_that_records_no_provenance_resumes_with_a_note(tmp_path, capsys):
+    path = str(tmp_path / "old.pt")
+    loader = make_loader(toy_data(4), 2, shuffle=False)
+    fit(ToyDetector(), loader, 1, checkpoint_path=path, **QUIET)  # as older versions saved
+    history = fit(ToyDetector(), loader, 2, checkpoint_path=path, provenance={"data": "shapes"},
+                  **QUIET)
+    assert history["step"] == [1, 2, 3, 4]  # resumed at step 2
+    said = capsys.readouterr().err.splitlines()
+    assert said == [f"Note: {path} does not record what it was trained on (an older "
+                    "checkpoint): resuming it unchecked."]
+
+
+def test_train_py_refuses_to_resume_a_run_of_other_data(tmp_path, own_coco_folder, capsys):
+    train = _train_module()
+    path = str(tmp_path / "train.pt")
+    tiny = ["--image-size", "64", "--batch-size", "2", "--no-amp", "--checkpoint", path]
+    train.main(["--num-images", "2", *tiny])
+    with pytest.raises(SystemExit) as refused:
+        train.main(["--data", str(own_coco_folder), *tiny])
+    message = str(refused.value.code)
+    assert message.startswith(f"train.py: {path} was trained on something else than this run: "
+                              f"data 'shapes' (this run: '{own_coco_folder}')")
+    assert "--checkpoint OTHER.pt" in message and "--no-resume" in message
+    assert "num_classes" not in message  # 3 names + the background, as the shapes
+
+
+def test_train_py_finetune_of_a_missing_file_says_so_and_what_it_takes(tmp_path, monkeypatch):
+    train = _train_module()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "shapes.pt").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--finetune", "runs/shapse.pt"])
+    assert str(stopped.value.code) == (
+        "train.py --finetune runs/shapse.pt: no such file (did you mean runs/shapes.pt?). "
+        "--finetune takes the path of a checkpoint file of this course (one that train.py "
+        "--checkpoint wrote) or torchvision's weights name COCO_V1 or DEFAULT (its COCO-trained "
+        "ResNet-50 + FPN).")
+    with pytest.raises(SystemExit, match=r"^train.py --finetune runs: is a folder, not a check"):
+        train.main(["--finetune", "runs"])
+
+
+def _train_module():
+    """train.py, imported from the course folder."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import train
+
+    return train
+
+
 def test_transfer_weights_loads_what_fits_and_names_the_rest(tmp_path):
     import frcnn_common as fc
 
@@ -608,10 +682,7 @@ def test_small_detector_learns_the_shapes():
 
 
 def test_train_py_on_ctrl_c_prints_one_line_and_exits_130(tmp_path, monkeypatch, capsys):
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import train
+    train = _train_module()
 
     def interrupted_fit(*args, **kwargs):
         raise TrainingInterrupted(f"Interrupted at step 3 of 8: saved {kwargs['checkpoint_path']}; "
