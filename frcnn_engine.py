@@ -41,8 +41,9 @@ from pycocotools.cocoeval import COCOeval
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm  # plain-text bars: they also show in notebooks saved and read on the web
 
-from frcnn_common import (DEVICE, Tensor, box_iou, boxes_to_original, frcnn_collate_fn,
-                          rank_and_world_size, read_checkpoint, say, unwrap_model)
+from frcnn_common import (DEVICE, FractionBoxesWarning, Tensor, box_iou, boxes_to_original,
+                          frcnn_collate_fn, rank_and_world_size, read_checkpoint, say,
+                          unwrap_model)
 
 
 # ─── 1. Optimiser and learning-rate schedule ─────────────────────────────────────────────────
@@ -776,6 +777,25 @@ class _StopAfterStep:
             signal.signal(signal.SIGINT, self._previous)
 
 
+@contextlib.contextmanager
+def _warnings_above_the_bar() -> Iterator[None]:
+    """Within :func:`fit`: each warning is printed above the progress bar (``tqdm.write``), not
+    into it, and a :class:`FractionBoxesWarning` only the first time, once a run."""
+    shown = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, FractionBoxesWarning):
+            if category in shown:
+                return
+            shown.add(category)
+        text = warnings.formatwarning(message, category, filename, lineno, line)
+        tqdm.write(text.rstrip("\n"), file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def _interruption(err: KeyboardInterrupt, state: TrainState, path: Optional[str], save,
                   saved_step: Optional[int]) -> TrainingInterrupted:
     """Save the state an interruption between two steps leaves (one process), and return the
@@ -829,7 +849,8 @@ def fit(
     ``checkpoint_every`` steps (default: about 20 times a run, at most 1000 steps apart; 0: only
     at the ends of epochs) and when Ctrl-C stops the run: the first Ctrl-C lets the step in
     progress finish, saves, and raises :class:`TrainingInterrupted`, whose message says where (a
-    second Ctrl-C stops at once, keeping the last checkpoint). With ``resume=True`` and an
+    second Ctrl-C stops at once, keeping the last checkpoint). Warnings print above the progress
+    bar, boxes that look like fractions of the image once a run. With ``resume=True`` and an
     existing file, training continues from it and says so (or says that it starts fresh): an
     interrupted run picks up at the last checkpoint and produces the same weights and loss curve
     as a run that was never interrupted. The returned history then covers the whole run, the
@@ -887,7 +908,7 @@ def fit(
             raise KeyboardInterrupt
 
     try:
-        with _StopAfterStep() as stop:
+        with _StopAfterStep() as stop, _warnings_above_the_bar():
             while state.epoch < epochs:
                 _set_epoch(train_loader, state.epoch)
                 train_one_epoch(

@@ -346,6 +346,30 @@ def test_data_that_runs_out_before_steps_per_epoch_is_reported(capsys):
     assert "steps_per_epoch=2 or fewer" in said
 
 
+def test_boxes_in_fractions_warn_once_a_run_above_the_bar_as_the_data_gave_them(monkeypatch,
+                                                                               capsys):
+    import frcnn_common as fc
+    import frcnn_engine
+
+    image = torch.zeros(3, 60, 80, dtype=torch.uint8)
+    given = torch.tensor([[0.1, 0.2, 0.5, 0.6]])  # fractions, as some tools export them
+    data = [fc.make_sample(image, given, torch.tensor([1]), 7 + i, min_size=120, flip_prob=1.0)
+            for i in range(3)]  # resized to 120 x 160 and flipped
+    written = []
+    write = frcnn_engine.tqdm.write
+    monkeypatch.setattr(frcnn_engine.tqdm, "write",
+                        lambda text, **kw: (written.append(text), write(text, **kw)))
+    settings = dict(device=CPU, amp=False, progress=True, warmup_steps=0)
+    fit(small_detector(), make_loader(data, 1, shuffle=False), 1, **settings)  # 3 steps
+    assert capsys.readouterr().err.count("fractions of the image") == 1
+    [line] = [text for text in written if "fractions of the image" in text]
+    assert "FractionBoxesWarning: image_id 7: every box of its batch is under 4 px" in line
+    assert "the image is 80x60 (its boxes as the data gives them: [0.1, 0.2, 0.5, 0.6])" in line
+    fit(small_detector(), make_loader(data, 1, shuffle=False), 1, steps_per_epoch=1,
+        **settings)  # a new run
+    assert capsys.readouterr().err.count("fractions of the image") == 1
+
+
 def test_progress_bar_copies_its_line_to_the_progress_file(tmp_path, monkeypatch):
     import frcnn_engine
 
