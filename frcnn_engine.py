@@ -25,6 +25,7 @@ import math
 import os
 import random
 import signal
+import socket
 import sys
 import threading
 import time
@@ -754,20 +755,35 @@ class _StopAfterStep:
     """While active, in the main thread of a single-process run, the first Ctrl-C (SIGINT) asks
     the training loop to stop after the step in progress, so the checkpoint saved then is exact;
     a second Ctrl-C stops at once. Under DDP a stop must reach every process in the same step,
-    so there Ctrl-C keeps its usual effect and the periodic checkpoints are what resumes."""
+    so there Ctrl-C keeps its usual effect and the periodic checkpoints are what resumes.
+
+    Python runs a signal's handler between bytecodes, once for all the signals that came while
+    the main thread was in one long C call (a backward pass); its C-level handler writes a byte
+    per signal to the wakeup fd, so the presses are counted there and two count as the second."""
+
+    wakeup_fd: Optional[int] = None  # the fd of the active instance, cleared in forked children
 
     def __init__(self):
         self.asked, self._previous, self._pid = False, None, os.getpid()
 
     def __enter__(self) -> "_StopAfterStep":
         if threading.current_thread() is threading.main_thread() and not _is_distributed():
+            self._presses, self._writer = socket.socketpair()
+            for end in (self._presses, self._writer):
+                end.setblocking(False)
+            self._wakeup = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+            _StopAfterStep.wakeup_fd = self._writer.fileno()
             self._previous = signal.signal(signal.SIGINT, self._ask)
         return self
 
     def _ask(self, signum, frame) -> None:
         if os.getpid() != self._pid:  # a forked DataLoader worker: it serves on, the loop stops
             return
-        if self.asked:
+        try:
+            presses = self._presses.recv(4096).count(signal.SIGINT)
+        except OSError:  # nothing written (a handler called directly)
+            presses = 1
+        if self.asked or presses > 1:
             raise KeyboardInterrupt
         self.asked = True
         say("\nCtrl-C: stopping after this step to save a checkpoint (Ctrl-C again stops at once).")
@@ -775,6 +791,23 @@ class _StopAfterStep:
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+            signal.set_wakeup_fd(self._wakeup)
+            _StopAfterStep.wakeup_fd = None
+            self._presses.close()
+            self._writer.close()
+
+
+def _forget_wakeup_fd() -> None:
+    """In a process forked while a run counts its Ctrl-C presses (a DataLoader worker): its own
+    signals must not count as the parent's presses."""
+    if _StopAfterStep.wakeup_fd is not None:
+        _StopAfterStep.wakeup_fd = None
+        with contextlib.suppress(ValueError):
+            signal.set_wakeup_fd(-1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_wakeup_fd)
 
 
 @contextlib.contextmanager

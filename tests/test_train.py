@@ -234,11 +234,32 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert not glob.glob(str(tmp_path / ".*tmp*")), "temporary checkpoint files left behind"
 
 
+def two_quick_presses() -> None:
+    """Two SIGINTs that reach this process while its main thread is busy outside Python (here:
+    SIGINT blocked in it while another thread sends them), as two Ctrl-C pressed within a
+    backward pass: Python then runs the handler once, for both."""
+    import threading
+
+    def press_twice():
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        presser = threading.Thread(target=press_twice)
+        presser.start()
+        presser.join(timeout=60)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 class CtrlCLoader:
     """Yields the batches of ``loader``; ``how="signal"`` sends this process a real SIGINT just
     before yielding batch number ``at`` (counted from 0 across epochs), as Ctrl-C in a terminal
-    would during that batch's step; ``how="raise"`` raises KeyboardInterrupt instead of yielding
-    it, as Ctrl-C while the loader fetches."""
+    would during that batch's step; ``how="twice"`` two at once (:func:`two_quick_presses`);
+    ``how="raise"`` raises KeyboardInterrupt instead of yielding it, as Ctrl-C while the loader
+    fetches."""
 
     def __init__(self, loader, at: int, how: str):
         self.loader, self.at, self.how, self.drawn = loader, at, how, 0
@@ -251,12 +272,15 @@ class CtrlCLoader:
             if self.drawn == self.at:
                 if self.how == "raise":
                     raise KeyboardInterrupt
-                os.kill(os.getpid(), signal.SIGINT)
+                if self.how == "twice":
+                    two_quick_presses()
+                else:
+                    os.kill(os.getpid(), signal.SIGINT)
             self.drawn += 1
             yield batch
 
 
-@pytest.mark.parametrize("how, saved_step", [("raise", 4), ("signal", 5)])
+@pytest.mark.parametrize("how, saved_step", [("raise", 4), ("signal", 5), ("twice", 4)])
 def test_ctrl_c_saves_a_checkpoint_and_the_rerun_equals_an_uninterrupted_run(tmp_path, capsys,
                                                                              how, saved_step):
     settings = dict(lr=0.01, warmup_steps=2, **QUIET)
