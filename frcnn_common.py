@@ -1452,21 +1452,37 @@ TINY_BOX_PIXELS = 4.0
 is most likely given in fractions of the image: :func:`_warn_if_fractions`."""
 
 
-def _warn_if_fractions(targets: List[Dict[str, Tensor]], image_sizes: List[Tuple[int, int]]) -> None:
-    """Warn when every box of the batch is under ``TINY_BOX_PIXELS`` on both sides while the
-    images are at least 100 px: boxes given as fractions of the image (0..1), or normalised
-    ``[cx, cy, w, h]``, train without an error but teach the detector nothing."""
-    boxes = torch.cat([t["boxes"] for t in targets])
+class FractionBoxesWarning(UserWarning):
+    """Training boxes that look like fractions of the image (:func:`_warn_if_fractions`);
+    :func:`frcnn_engine.fit` shows it once a run."""
+
+
+def _warn_if_fractions(targets: List[dict], checked: List[Dict[str, Tensor]],
+                       image_sizes: List[Tuple[int, int]]) -> None:
+    """Warn when every box of the batch (``checked``) is under ``TINY_BOX_PIXELS`` on both sides
+    while the images are at least 100 px: boxes given as fractions of the image (0..1), or
+    normalised ``[cx, cy, w, h]``, train without an error but teach the detector nothing. The
+    warning names the first image with boxes by its ``image_id`` and shows its boxes as the data
+    gave them (the sample's flip and resize undone, from ``targets``)."""
+    boxes = torch.cat([t["boxes"] for t in checked])
     if boxes.numel() == 0 or min(min(size) for size in image_sizes) < 100:
         return
     sides = torch.cat([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]])
-    if bool((sides < TINY_BOX_PIXELS).all()):
-        height, width = image_sizes[0]
-        warnings.warn(
-            f"every box of this batch is under {TINY_BOX_PIXELS:g} px wide and high while the "
-            f"images are {width}x{height} (first box: {[round(v, 3) for v in boxes[0].tolist()]}): "
-            "boxes given as fractions of the image (0..1)? The model wants absolute pixels "
-            "[x1, y1, x2, y2]: multiply x by the image width and y by its height.", stacklevel=2)
+    if not bool((sides < TINY_BOX_PIXELS).all()):
+        return
+    i = next(k for k, t in enumerate(checked) if len(t["boxes"]))
+    given = boxes_to_original(checked[i]["boxes"].cpu(), {
+        k: torch.as_tensor(v).cpu() for k, v in targets[i].items()
+        if k in ("flipped", "size", "scale", "orig_size")})
+    height, width = (int(v) for v in targets[i].get("orig_size", image_sizes[i]))
+    who = (f"image_id {int(targets[i]['image_id'])}" if "image_id" in targets[i]
+           else f"target {i}")
+    shown = ", ".join(str([round(v, 3) for v in box]) for box in given[:3].tolist())
+    warnings.warn(FractionBoxesWarning(
+        f"{who}: every box of its batch is under {TINY_BOX_PIXELS:g} px wide and high while "
+        f"the image is {width}x{height} (its boxes as the data gives them: {shown}): boxes "
+        "given as fractions of the image (0..1)? The model wants absolute pixels "
+        "[x1, y1, x2, y2]: multiply x by the image width and y by its height."), stacklevel=2)
 
 
 def keep_scoring(result: Dict[str, Tensor], score_threshold: float) -> Dict[str, Tensor]:
@@ -1543,7 +1559,7 @@ def check_targets(targets, image_sizes: List[Tuple[int, int]], device, num_class
             if problem:
                 raise ValueError(f"target {i}: {problem}")
         checked.append({"boxes": boxes, "labels": labels.to(torch.int64)})
-    _warn_if_fractions(checked, image_sizes)
+    _warn_if_fractions(targets, checked, image_sizes)
     return checked
 
 def first_bad_box(boxes: Tensor, labels: Tensor, height: int, width: int, num_classes: int

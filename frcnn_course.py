@@ -31,8 +31,8 @@ from frcnn_common import (COCO_NAMES, DEVICE, HUB_COCO, IMAGENET_MEAN, IMAGENET_
                           SHAPE_NAMES, AnchorGenerator, COCOStreamDataset, ROIAlign, ResNet50,
                           SyntheticShapesDataset, Tensor, box_iou, cpu_threads, encode_boxes,
                           fasterrcnn_resnet50_fpn, keep_scoring, nms, ops_backend, tiny_detector)
-from frcnn_engine import (amp_dtype, amp_scaler, average_precision, evaluate, fit,
-                          load_checkpoint, loader_workers, make_loader, make_optimizer,
+from frcnn_engine import (amp_dtype, amp_scaler, average_precision, describe_source, evaluate,
+                          fit, load_checkpoint, loader_workers, make_loader, make_optimizer,
                           match_detections, save_checkpoint, train_step)
 
 
@@ -219,7 +219,7 @@ def full_mode_settings(**overrides) -> dict:
 
 def coco_experiment(source=None, *, device=DEVICE, progress: bool = True,
                     checkpoint_path: Optional[str] = "checkpoints/coco_resnet50_fpn.pt",
-                    **overrides) -> dict:
+                    resume: bool = True, **overrides) -> dict:
     """Notebook 05's full mode: :func:`fasterrcnn_resnet50_fpn` from ImageNet weights, trained
     with :func:`fit` on the COCO stream (AMP, gradient checkpointing, ``trainable_layers=3``)
     and scored with :func:`evaluate` on ``eval_images`` images of val2017.
@@ -230,7 +230,9 @@ def coco_experiment(source=None, *, device=DEVICE, progress: bool = True,
     the batch. The checkpoint at ``checkpoint_path`` is
     written about 20 times a run (:func:`fit`'s default cadence: every 250 steps of 5000), so a
     rerun of the same call resumes; a rerun with another step count continues or says there is
-    nothing to train. Returns the dict of :func:`shapes_experiment`, plus ``"config"``.
+    nothing to train; it records the data source and the starting weights, and a run on another
+    source refuses to resume from it (``resume=False`` starts over). Returns the dict of
+    :func:`shapes_experiment`, plus ``"config"``.
     """
     config = full_mode_settings(**overrides)
     source = coco_source() if source is None else source
@@ -245,7 +247,10 @@ def coco_experiment(source=None, *, device=DEVICE, progress: bool = True,
     history = fit(model, loader, 1, steps_per_epoch=config["steps"], lr=lr,
                   warmup_steps=min(config["warmup_steps"], config["steps"] // 10),
                   max_grad_norm=config["max_grad_norm"], amp=True, device=device,
-                  checkpoint_path=checkpoint_path, progress=progress)
+                  checkpoint_path=checkpoint_path, resume=resume, progress=progress,
+                  provenance={"data": f"coco from {describe_source(source)}",
+                              "weights": "backbone IMAGENET1K_V1", "model": "resnet50_fpn",
+                              "num_classes": model.num_classes, "trainable_layers": 3})
     train_seconds = time.perf_counter() - start
     metrics = evaluate(model, make_loader(held_out, 4, shuffle=False), progress=progress)
     return {"model": model, "history": history, "metrics": metrics, "held_out": held_out,

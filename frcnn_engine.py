@@ -25,6 +25,7 @@ import math
 import os
 import random
 import signal
+import socket
 import sys
 import threading
 import time
@@ -41,8 +42,9 @@ from pycocotools.cocoeval import COCOeval
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm  # plain-text bars: they also show in notebooks saved and read on the web
 
-from frcnn_common import (DEVICE, Tensor, box_iou, boxes_to_original, frcnn_collate_fn,
-                          rank_and_world_size, read_checkpoint, say, unwrap_model)
+from frcnn_common import (DEVICE, FractionBoxesWarning, Tensor, box_iou, boxes_to_original,
+                          frcnn_collate_fn, rank_and_world_size, read_checkpoint, say,
+                          unwrap_model)
 
 
 # ─── 1. Optimiser and learning-rate schedule ─────────────────────────────────────────────────
@@ -520,9 +522,11 @@ def _gather_rng(rng: Optional[dict]) -> List[Optional[dict]]:
 
 def save_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                     scheduler=None, scaler: Optional[torch.amp.GradScaler] = None,
-                    state: Optional[TrainState] = None, **extra) -> None:
+                    state: Optional[TrainState] = None, *, provenance: Optional[dict] = None,
+                    **extra) -> None:
     """Write everything a run needs to continue: the weights, the optimiser's momentum, the
-    scheduler's step, the AMP scaler, the epoch/step and every rank's random state.
+    scheduler's step, the AMP scaler, the epoch/step and every rank's random state, and
+    ``provenance``, what the run trains on (see :func:`fit`).
 
     The file is written atomically: to a temporary file beside ``path``, flushed to disk, then
     renamed over ``path`` in one step. A crash or Ctrl-C while saving leaves the previous
@@ -546,6 +550,7 @@ def save_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
         **state.saved_fields(),
         "rng": rng,
         "epoch_rng": epoch_rng,
+        "provenance": provenance,
         "extra": extra,
     }
     folder = os.path.dirname(os.path.abspath(path))
@@ -560,6 +565,38 @@ def save_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def describe_source(source) -> str:
+    """Data or weights as a checkpoint's provenance records them: a file or folder by its
+    absolute path, a name (a hub dataset, torchvision's weights) as it is, an object by its repr."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.path.abspath(source) if os.path.exists(source) else str(source)
+    return repr(source)
+
+
+class ProvenanceMismatch(ValueError):
+    """Raised when a run would resume from a checkpoint trained on something else."""
+
+
+def _check_provenance(path: str, checkpoint, provenance: dict) -> None:
+    """Refuse a checkpoint whose recorded provenance differs from ``provenance``, naming each
+    difference and what to pass; a checkpoint that records none resumes, with a one-line note."""
+    recorded = checkpoint.get("provenance") if isinstance(checkpoint, dict) else None
+    if recorded is None:
+        if _is_main_process():
+            say(f"Note: {path} does not record what it was trained on (an older checkpoint): "
+                "resuming it unchecked.")
+        return
+    differ = [f"{key} {recorded.get(key, 'not recorded')!r} (this run: "
+              f"{provenance.get(key, 'not recorded')!r})"
+              for key in sorted(set(recorded) | set(provenance), key=str)
+              if recorded.get(key) != provenance.get(key)]
+    if differ:
+        raise ProvenanceMismatch(
+            f"{path} was trained on something else than this run: {'; '.join(differ)}. To keep "
+            "it, pass another checkpoint path (train.py: --checkpoint OTHER.pt); to start over "
+            "and overwrite it, pass resume=False (train.py: --no-resume).")
 
 
 def _check_compatible(path: str, model: nn.Module, checkpoint: dict, weights: dict) -> None:
@@ -592,19 +629,24 @@ def _check_compatible(path: str, model: nn.Module, checkpoint: dict, weights: di
 
 def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                     scheduler=None, scaler: Optional[torch.amp.GradScaler] = None, *,
-                    map_location="cpu") -> TrainState:
+                    map_location="cpu", provenance: Optional[dict] = None) -> TrainState:
     """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and the optimiser,
     scheduler and scaler when given) and return the :class:`TrainState` to continue from.
 
     Pass the returned state to :func:`train_one_epoch` (``fit`` does this for you) and the run
     continues where it stopped, down to the data order and the random numbers. A plain
     ``state_dict`` file (no training state) loads too; the returned state is then a fresh one.
+    With ``provenance`` (what this run trains on), a checkpoint that records another is refused
+    before anything loads; one that records none loads with a note.
 
     Raises:
+        ProvenanceMismatch: the checkpoint records another ``provenance``.
         ValueError: the checkpoint was made for a different ``num_classes`` or architecture.
         FileNotFoundError: no file at ``path``.
     """
     checkpoint = read_checkpoint(path, map_location)
+    if provenance is not None:
+        _check_provenance(path, checkpoint, provenance)
     net = unwrap_model(model)
     if not (isinstance(checkpoint, dict) and checkpoint.get("format") == CHECKPOINT_FORMAT):
         weights = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
@@ -645,11 +687,12 @@ def _default_checkpoint_every(total_steps: int) -> int:
 
 
 def _start_state(path: Optional[str], resume: bool, parts: tuple, epochs: int,
-                 steps_per_epoch: int, every: Optional[int], verbose: bool) -> TrainState:
+                 steps_per_epoch: int, every: Optional[int], verbose: bool,
+                 provenance: Optional[dict]) -> TrainState:
     """The state :func:`fit` starts from: the checkpoint at ``path`` (``parts``: model,
     optimizer, scheduler, scaler) when resuming, else a fresh one; says which."""
     if path is not None and resume and os.path.exists(path):
-        return _resume(path, *parts, epochs, steps_per_epoch, verbose)
+        return _resume(path, *parts, epochs, steps_per_epoch, verbose, provenance)
     if path is not None and verbose:
         why = (f"resume=False: starting fresh, {path} is overwritten" if os.path.exists(path)
                else f"No checkpoint at {path}, starting fresh")
@@ -676,12 +719,12 @@ def _relayout(state: TrainState, steps_per_epoch: int, path: str, verbose: bool)
 
 
 def _resume(path: str, model, optimizer, scheduler, scaler, epochs: int, steps_per_epoch: int,
-            verbose: bool) -> TrainState:
+            verbose: bool, provenance: Optional[dict]) -> TrainState:
     """Load ``path`` for :func:`fit` and say what goes on: where the run stands (re-laid out for a
     changed ``steps_per_epoch``), a schedule re-planned for a new length (its learning rate set
     for the current step at once, so that no step runs at the old schedule's final rate), or that
-    there is nothing left to train."""
-    state = load_checkpoint(path, model, optimizer, scheduler, scaler)
+    there is nothing left to train. A checkpoint of another ``provenance`` is refused."""
+    state = load_checkpoint(path, model, optimizer, scheduler, scaler, provenance=provenance)
     total_steps = epochs * steps_per_epoch
     planned, state.total_steps = state.total_steps, total_steps
     _relayout(state, steps_per_epoch, path, verbose)
@@ -712,20 +755,35 @@ class _StopAfterStep:
     """While active, in the main thread of a single-process run, the first Ctrl-C (SIGINT) asks
     the training loop to stop after the step in progress, so the checkpoint saved then is exact;
     a second Ctrl-C stops at once. Under DDP a stop must reach every process in the same step,
-    so there Ctrl-C keeps its usual effect and the periodic checkpoints are what resumes."""
+    so there Ctrl-C keeps its usual effect and the periodic checkpoints are what resumes.
+
+    Python runs a signal's handler between bytecodes, once for all the signals that came while
+    the main thread was in one long C call (a backward pass); its C-level handler writes a byte
+    per signal to the wakeup fd, so the presses are counted there and two count as the second."""
+
+    wakeup_fd: Optional[int] = None  # the fd of the active instance, cleared in forked children
 
     def __init__(self):
         self.asked, self._previous, self._pid = False, None, os.getpid()
 
     def __enter__(self) -> "_StopAfterStep":
         if threading.current_thread() is threading.main_thread() and not _is_distributed():
+            self._presses, self._writer = socket.socketpair()
+            for end in (self._presses, self._writer):
+                end.setblocking(False)
+            self._wakeup = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+            _StopAfterStep.wakeup_fd = self._writer.fileno()
             self._previous = signal.signal(signal.SIGINT, self._ask)
         return self
 
     def _ask(self, signum, frame) -> None:
         if os.getpid() != self._pid:  # a forked DataLoader worker: it serves on, the loop stops
             return
-        if self.asked:
+        try:
+            presses = self._presses.recv(4096).count(signal.SIGINT)
+        except OSError:  # nothing written (a handler called directly)
+            presses = 1
+        if self.asked or presses > 1:
             raise KeyboardInterrupt
         self.asked = True
         say("\nCtrl-C: stopping after this step to save a checkpoint (Ctrl-C again stops at once).")
@@ -733,6 +791,42 @@ class _StopAfterStep:
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+            signal.set_wakeup_fd(self._wakeup)
+            _StopAfterStep.wakeup_fd = None
+            self._presses.close()
+            self._writer.close()
+
+
+def _forget_wakeup_fd() -> None:
+    """In a process forked while a run counts its Ctrl-C presses (a DataLoader worker): its own
+    signals must not count as the parent's presses."""
+    if _StopAfterStep.wakeup_fd is not None:
+        _StopAfterStep.wakeup_fd = None
+        with contextlib.suppress(ValueError):
+            signal.set_wakeup_fd(-1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_wakeup_fd)
+
+
+@contextlib.contextmanager
+def _warnings_above_the_bar() -> Iterator[None]:
+    """Within :func:`fit`: each warning is printed above the progress bar (``tqdm.write``), not
+    into it, and a :class:`FractionBoxesWarning` only the first time, once a run."""
+    shown = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, FractionBoxesWarning):
+            if category in shown:
+                return
+            shown.add(category)
+        text = warnings.formatwarning(message, category, filename, lineno, line)
+        tqdm.write(text.rstrip("\n"), file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 def _interruption(err: KeyboardInterrupt, state: TrainState, path: Optional[str], save,
@@ -776,6 +870,7 @@ def fit(
     resume: bool = True,
     progress: bool = True,
     on_epoch_end=None,
+    provenance: Optional[dict] = None,
 ) -> Dict[str, List[float]]:
     """Train for ``epochs`` epochs with checkpoints, and return the loss history of the whole run.
 
@@ -787,7 +882,8 @@ def fit(
     ``checkpoint_every`` steps (default: about 20 times a run, at most 1000 steps apart; 0: only
     at the ends of epochs) and when Ctrl-C stops the run: the first Ctrl-C lets the step in
     progress finish, saves, and raises :class:`TrainingInterrupted`, whose message says where (a
-    second Ctrl-C stops at once, keeping the last checkpoint). With ``resume=True`` and an
+    second Ctrl-C stops at once, keeping the last checkpoint). Warnings print above the progress
+    bar, boxes that look like fractions of the image once a run. With ``resume=True`` and an
     existing file, training continues from it and says so (or says that it starts fresh): an
     interrupted run picks up at the last checkpoint and produces the same weights and loss curve
     as a run that was never interrupted. The returned history then covers the whole run, the
@@ -802,6 +898,10 @@ def fit(
         gradient_checkpointing: when not None, switched on or off on the model before training.
         on_epoch_end: called as ``on_epoch_end(epoch, state)`` after each epoch's checkpoint,
             e.g. to evaluate.
+        provenance: what the run trains on, e.g. ``{"data": ..., "weights": ..., "model": ...,
+            "num_classes": ...}`` (plain values); stored in each checkpoint. Resuming from a
+            checkpoint that records another raises :class:`ProvenanceMismatch`, naming what
+            differs; one that records none (an older checkpoint) resumes with a note.
         The other arguments are those of :func:`train_one_epoch`.
     """
     device = torch.device(device)
@@ -823,12 +923,14 @@ def fit(
     if checkpoint_path is not None and checkpoint_every is None:
         checkpoint_every = _default_checkpoint_every(total_steps)
     state = _start_state(checkpoint_path, resume, (model, optimizer, scheduler, scaler), epochs,
-                         steps_per_epoch, checkpoint_every, verbose=progress and _is_main_process())
+                         steps_per_epoch, checkpoint_every, progress and _is_main_process(),
+                         provenance)
     saved = {"step": state.step if state.step else None, "rng": get_rng_state()}
 
     def save(current: TrainState, every: Optional[int] = 1) -> None:
         if checkpoint_path is not None and every and current.step % every == 0:
-            save_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, current)
+            save_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, current,
+                            provenance=provenance)
             saved["step"] = current.step
 
     def after_step(current: TrainState) -> None:
@@ -839,7 +941,7 @@ def fit(
             raise KeyboardInterrupt
 
     try:
-        with _StopAfterStep() as stop:
+        with _StopAfterStep() as stop, _warnings_above_the_bar():
             while state.epoch < epochs:
                 _set_epoch(train_loader, state.epoch)
                 train_one_epoch(

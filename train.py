@@ -1,29 +1,37 @@
 """Train a detector from the command line, on one device or data-parallel under torchrun.
 
     .venv/bin/python train.py --epochs 2                        # one process, synthetic shapes
-    .venv/bin/torchrun --nproc_per_node=2 train.py --epochs 2   # two processes (GPUs, or CPU + gloo)
-    .venv/bin/torchrun --nproc_per_node=8 train.py --data coco --model resnet50_fpn \\
-        --weights-backbone IMAGENET1K_V1 --steps-per-epoch 7000 --epochs 26 --batch-size 2
+    OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc_per_node=2 train.py --epochs 2   # two processes
+    OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc_per_node=8 train.py --data coco \\
+        --model resnet50_fpn --weights-backbone IMAGENET1K_V1 --steps-per-epoch 7000 --epochs 26
     .venv/bin/python train.py --data my_folder --finetune COCO_V1 --lr 0.005  # your own data
 
 Run from the course folder after `make setup`, with the environment's own python and torchrun
 (.venv/bin/...), or after `source .venv/bin/activate` as plain `python` and `torchrun`.
-``--batch-size`` is per process. Ctrl-C stops after the step in progress and saves the checkpoint;
-the same command run again resumes from ``--checkpoint``. All the logic lives in ``frcnn_common``
-(``fit``, ``setup_distributed``, ``wrap_distributed``, ``make_loader``); this file only turns
-arguments into calls.
+``--batch-size`` is per process; ``OMP_NUM_THREADS`` is each process's CPU threads (cores divided
+by processes; torchrun sets 1 with a warning banner when it is unset). Ctrl-C stops after the step
+in progress and saves the checkpoint; the same command run again resumes from ``--checkpoint``,
+which records what it was trained on and refuses a run on other data or weights. All the logic
+lives in ``frcnn_common`` and ``frcnn_engine`` (``fit``, ``setup_distributed``,
+``wrap_distributed``, ``make_loader``); this file only turns arguments into calls.
 """
 
 import argparse
+import difflib
 import os
 import sys
 
 import torch
+from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
 
 from frcnn_common import (COCOStreamDataset, FasterRCNN, fasterrcnn_resnet50_fpn, folder_dataset,
                           HUB_COCO, IMG_SIZE, SyntheticShapesDataset, tiny_detector,
                           transfer_weights)
-from frcnn_engine import cleanup_distributed, fit, make_loader, setup_distributed, wrap_distributed
+from frcnn_engine import (cleanup_distributed, describe_source, fit, make_loader,
+                          ProvenanceMismatch, setup_distributed, wrap_distributed)
+
+TORCHVISION_DETECTORS = list(FasterRCNN_ResNet50_FPN_Weights.__members__)
+"""The names --finetune takes for torchvision's trained ResNet-50 + FPN (COCO_V1, DEFAULT)."""
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -93,38 +101,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    finetune = finetune_kind(args.finetune)
     info = setup_distributed()
     torch.manual_seed(args.seed)
-    if args.data == "shapes":
-        dataset = SyntheticShapesDataset(args.num_images, args.image_size or 128, seed=args.seed,
-                                         train=True)
-    elif args.data == "coco":
-        dataset = COCOStreamDataset("train", source=args.coco_source,
-                                    min_size=args.image_size or IMG_SIZE, shuffle_buffer=1000,
-                                    seed=args.seed)
-    else:
-        try:
-            dataset = folder_dataset(args.data, args.split, verbose=info.rank == 0, train=True,
-                                     min_size=args.image_size or IMG_SIZE)
-        except (FileNotFoundError, ValueError) as err:  # each names the file and the fix
-            raise SystemExit(f"train.py --data {args.data}: {err}") from None
-    if args.split is not None and args.data in ("shapes", "coco"):
-        raise SystemExit(f"train.py: --split is for --data FOLDER, not --data {args.data}")
-    if args.finetune is not None and not os.path.exists(args.finetune):  # torchvision's weights
-        model = FasterRCNN.from_torchvision(args.finetune, num_classes=dataset.num_classes,
-                                            trainable_layers=args.trainable_layers or 3)
-    elif args.model == "tiny":
-        model = tiny_detector(dataset.num_classes)
-    else:
-        model = fasterrcnn_resnet50_fpn(dataset.num_classes, weights_backbone=args.weights_backbone,
-                                        trainable_layers=args.trainable_layers)
-    if args.finetune is not None and os.path.exists(args.finetune):
-        new = transfer_weights(model, args.finetune)
-        if info.rank == 0:
-            print(f"{args.finetune}: loaded all weights but {new}" if new else
-                  f"{args.finetune}: loaded every weight, the predictor's too (same num_classes: "
-                  "its rows now stand for this data's classes)", flush=True)
-    model = wrap_distributed(model.to(info.device))
+    dataset = build_dataset(args, info.rank == 0)
+    model = wrap_distributed(build_model(args, finetune, dataset.num_classes, info.rank == 0)
+                             .to(info.device))
     loader = make_loader(dataset, args.batch_size, num_workers=args.workers, seed=args.seed,
                          drop_last=True)
     try:
@@ -133,15 +115,86 @@ def main(argv=None) -> None:
             amp=args.amp, max_grad_norm=args.max_grad_norm,
             gradient_checkpointing=args.gradient_checkpointing or None,
             checkpoint_path=args.checkpoint, checkpoint_every=args.checkpoint_every,
-            resume=not args.no_resume)
+            resume=not args.no_resume, provenance=provenance(args, finetune, dataset.num_classes))
         if info.rank == 0:
             print(summary(history, args.checkpoint), flush=True)
+    except ProvenanceMismatch as err:  # names what differs and what to pass
+        raise SystemExit(f"train.py: {err}") from None
     except KeyboardInterrupt as stop:  # fit's TrainingInterrupted says where it saved
         if info.rank == 0:
             print(str(stop) or "Interrupted.", file=sys.stderr, flush=True)
         raise SystemExit(130) from None  # 128 + SIGINT, the shell's code for Ctrl-C
     finally:
         cleanup_distributed()
+
+
+def finetune_kind(value):
+    """What ``--finetune value`` names: None, ``"file"`` (a checkpoint) or ``"torchvision"``
+    (a weights name); anything else ends the run, saying what --finetune takes."""
+    if value is None or value in TORCHVISION_DETECTORS:
+        return None if value is None else "torchvision"
+    if os.path.isfile(value):
+        return "file"
+    folder = os.path.dirname(value) or "."
+    what = "is a folder, not a checkpoint file" if os.path.isdir(value) else "no such file"
+    files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    close = difflib.get_close_matches(os.path.basename(value), files, n=1)
+    hint = f" (did you mean {os.path.join(os.path.dirname(value), close[0])}?)" if close else ""
+    raise SystemExit(
+        f"train.py --finetune {value}: {what}{hint}. --finetune takes the path of a checkpoint "
+        "file of this course (one that train.py --checkpoint wrote) or torchvision's weights "
+        f"name {' or '.join(TORCHVISION_DETECTORS)} (its COCO-trained ResNet-50 + FPN).")
+
+
+def build_dataset(args, verbose: bool):
+    """The training data that --data names (with --split, --image-size, --seed)."""
+    if args.split is not None and args.data in ("shapes", "coco"):
+        raise SystemExit(f"train.py: --split is for --data FOLDER, not --data {args.data}")
+    if args.data == "shapes":
+        return SyntheticShapesDataset(args.num_images, args.image_size or 128, seed=args.seed,
+                                      train=True)
+    if args.data == "coco":
+        return COCOStreamDataset("train", source=args.coco_source,
+                                 min_size=args.image_size or IMG_SIZE, shuffle_buffer=1000,
+                                 seed=args.seed)
+    try:
+        return folder_dataset(args.data, args.split, verbose=verbose, train=True,
+                              min_size=args.image_size or IMG_SIZE)
+    except (FileNotFoundError, ValueError) as err:  # each names the file and the fix
+        raise SystemExit(f"train.py --data {args.data}: {err}") from None
+
+
+def build_model(args, finetune, num_classes: int, verbose: bool):
+    """The detector that --model, --weights-backbone and --finetune describe."""
+    if finetune == "torchvision":
+        return FasterRCNN.from_torchvision(args.finetune, num_classes=num_classes,
+                                           trainable_layers=args.trainable_layers or 3)
+    if args.model == "tiny":
+        model = tiny_detector(num_classes)
+    else:
+        model = fasterrcnn_resnet50_fpn(num_classes, weights_backbone=args.weights_backbone,
+                                        trainable_layers=args.trainable_layers)
+    if finetune == "file":
+        new = transfer_weights(model, args.finetune)
+        if verbose:
+            print(f"{args.finetune}: loaded all weights but {new}" if new else
+                  f"{args.finetune}: loaded every weight, the predictor's too (same num_classes: "
+                  "its rows now stand for this data's classes)", flush=True)
+    return model
+
+
+def provenance(args, finetune, num_classes: int) -> dict:
+    """What the run trains on, recorded in its checkpoint: a rerun on other data, weights or
+    model refuses to resume from it. Files and folders by their absolute paths."""
+    data = {"shapes": "shapes", "coco": f"coco from {describe_source(args.coco_source)}"}.get(
+        args.data, describe_source(args.data))
+    if finetune is not None:
+        weights = f"finetune {describe_source(args.finetune)}"
+    else:
+        weights = f"backbone {args.weights_backbone}" if args.weights_backbone else "random"
+    model = "resnet50_fpn" if finetune == "torchvision" else args.model
+    return {"data": data, "split": args.split, "weights": weights, "model": model,
+            "num_classes": num_classes, "trainable_layers": args.trainable_layers}
 
 
 def summary(history, checkpoint: str) -> str:

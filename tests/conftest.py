@@ -436,3 +436,43 @@ def tool_exports(tmp_path_factory):
     """Tool layout -> the folder of its export (see write_tool_export), written once."""
     return {tool: write_tool_export(str(tmp_path_factory.mktemp(tool)), tool)
             for tool in TOOL_EXPORTS}
+
+
+# ─── torchvision's weights, stood in for: random weights under the names torchvision caches ────
+
+
+@pytest.fixture(scope="session")
+def stand_in_torch_home(tmp_path_factory, resnet50_state):
+    """A ``TORCH_HOME`` whose ``hub/checkpoints`` holds random weights under the file names of
+    torchvision's ResNet-50 ImageNet classifier and COCO Faster R-CNN, which torchvision then
+    loads without a download: set ``TORCH_HOME`` to it (the weights are not trained)."""
+    import torch
+    import torchvision
+
+    home = tmp_path_factory.mktemp("torch_home")
+    checkpoints = home / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    detection = torchvision.models.detection
+    coco = detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
+    for weights, state in ((torchvision.models.ResNet50_Weights.IMAGENET1K_V1, resnet50_state),
+                           (detection.FasterRCNN_ResNet50_FPN_Weights.COCO_V1, coco)):
+        torch.save(state, checkpoints / os.path.basename(weights.url))
+    return str(home)
+
+
+# ─── tests that run for minutes: named as they start ───────────────────────────────────────────
+LONG_TESTS = {"test_every_notebook_runs_in_full_mode_on_a_simulated_coco":
+              "about 3 minutes, printing nothing until it ends"}
+
+
+@pytest.fixture(autouse=True)
+def name_a_long_test(request):
+    """``pytest -q`` (``make unit``) prints a dot after each test: one of ``LONG_TESTS`` is named
+    on the terminal as it starts, so a long silence says what runs."""
+    how_long = LONG_TESTS.get(getattr(request.node, "originalname", request.node.name))
+    if how_long:
+        capture = request.config.pluginmanager.getplugin("capturemanager")
+        reporter = request.config.pluginmanager.getplugin("terminalreporter")
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\n{request.node.nodeid} starts: {how_long}")
+    yield

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from frcnn_common import FasterRCNN, SyntheticShapesDataset, TinyBackbone, unwrap_model
 from frcnn_engine import (_default_checkpoint_every, cleanup_distributed, coco_map, fit,
                           load_checkpoint, make_loader, make_optimizer, make_scheduler,
-                          NonFiniteLossError, save_checkpoint, setup_distributed, train_one_epoch,
-                          TrainingInterrupted, TrainState, wrap_distributed)
+                          NonFiniteLossError, ProvenanceMismatch, save_checkpoint,
+                          setup_distributed, train_one_epoch, TrainingInterrupted, TrainState,
+                          wrap_distributed)
 from frcnn_course import random_boxes, shapes_experiment
 
 from detectors import small_detector
@@ -233,11 +234,27 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert not glob.glob(str(tmp_path / ".*tmp*")), "temporary checkpoint files left behind"
 
 
+def two_quick_presses() -> None:
+    """Two SIGINTs that reach this process while its main thread is busy outside Python (here:
+    waiting for another thread, which sends both to itself, each handled at C level as it is
+    sent), as two Ctrl-C pressed within a backward pass: Python then runs the handler once."""
+    import threading
+
+    def press_twice():
+        for _ in range(2):
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+    presser = threading.Thread(target=press_twice)
+    presser.start()
+    presser.join(timeout=60)
+
+
 class CtrlCLoader:
     """Yields the batches of ``loader``; ``how="signal"`` sends this process a real SIGINT just
     before yielding batch number ``at`` (counted from 0 across epochs), as Ctrl-C in a terminal
-    would during that batch's step; ``how="raise"`` raises KeyboardInterrupt instead of yielding
-    it, as Ctrl-C while the loader fetches."""
+    would during that batch's step; ``how="twice"`` two at once (:func:`two_quick_presses`);
+    ``how="raise"`` raises KeyboardInterrupt instead of yielding it, as Ctrl-C while the loader
+    fetches."""
 
     def __init__(self, loader, at: int, how: str):
         self.loader, self.at, self.how, self.drawn = loader, at, how, 0
@@ -250,12 +267,15 @@ class CtrlCLoader:
             if self.drawn == self.at:
                 if self.how == "raise":
                     raise KeyboardInterrupt
-                os.kill(os.getpid(), signal.SIGINT)
+                if self.how == "twice":
+                    two_quick_presses()
+                else:
+                    os.kill(os.getpid(), signal.SIGINT)
             self.drawn += 1
             yield batch
 
 
-@pytest.mark.parametrize("how, saved_step", [("raise", 4), ("signal", 5)])
+@pytest.mark.parametrize("how, saved_step", [("raise", 4), ("signal", 5), ("twice", 4)])
 def test_ctrl_c_saves_a_checkpoint_and_the_rerun_equals_an_uninterrupted_run(tmp_path, capsys,
                                                                              how, saved_step):
     settings = dict(lr=0.01, warmup_steps=2, **QUIET)
@@ -345,6 +365,30 @@ def test_data_that_runs_out_before_steps_per_epoch_is_reported(capsys):
     assert "steps_per_epoch=2 or fewer" in said
 
 
+def test_boxes_in_fractions_warn_once_a_run_above_the_bar_as_the_data_gave_them(monkeypatch,
+                                                                               capsys):
+    import frcnn_common as fc
+    import frcnn_engine
+
+    image = torch.zeros(3, 60, 80, dtype=torch.uint8)
+    given = torch.tensor([[0.1, 0.2, 0.5, 0.6]])  # fractions, as some tools export them
+    data = [fc.make_sample(image, given, torch.tensor([1]), 7 + i, min_size=120, flip_prob=1.0)
+            for i in range(3)]  # resized to 120 x 160 and flipped
+    written = []
+    write = frcnn_engine.tqdm.write
+    monkeypatch.setattr(frcnn_engine.tqdm, "write",
+                        lambda text, **kw: (written.append(text), write(text, **kw)))
+    settings = dict(device=CPU, amp=False, progress=True, warmup_steps=0)
+    fit(small_detector(), make_loader(data, 1, shuffle=False), 1, **settings)  # 3 steps
+    assert capsys.readouterr().err.count("fractions of the image") == 1
+    [line] = [text for text in written if "fractions of the image" in text]
+    assert "FractionBoxesWarning: image_id 7: every box of its batch is under 4 px" in line
+    assert "the image is 80x60 (its boxes as the data gives them: [0.1, 0.2, 0.5, 0.6])" in line
+    fit(small_detector(), make_loader(data, 1, shuffle=False), 1, steps_per_epoch=1,
+        **settings)  # a new run
+    assert capsys.readouterr().err.count("fractions of the image") == 1
+
+
 def test_progress_bar_copies_its_line_to_the_progress_file(tmp_path, monkeypatch):
     import frcnn_engine
 
@@ -374,6 +418,80 @@ def test_checkpoint_from_other_num_classes_is_refused(tmp_path):
     assert (state.epoch, state.step) == (1, 3)
     with pytest.raises(ValueError, match=r"transfer_weights\(model, "):
         load_checkpoint(path, small_detector(num_classes=3))
+
+
+def test_a_checkpoint_of_other_data_refuses_to_resume_saying_what_differs(tmp_path, capsys):
+    path = str(tmp_path / "run.pt")
+    loader = make_loader(toy_data(4), 2, shuffle=False)
+    shapes = {"data": "shapes", "weights": "random", "num_classes": 2}
+    fit(ToyDetector(), loader, 1, checkpoint_path=path, provenance=shapes, **QUIET)
+    assert torch.load(path, weights_only=True)["provenance"] == shapes
+    other = ToyDetector()
+    before = weights(other)
+    mine = {**shapes, "data": "/data/my_data", "weights": "finetune runs/shapes.pt"}
+    with pytest.raises(ProvenanceMismatch) as refused:
+        fit(other, loader, 2, checkpoint_path=path, provenance=mine, **QUIET)
+    assert str(refused.value) == (
+        f"{path} was trained on something else than this run: data 'shapes' (this run: "
+        "'/data/my_data'); weights 'random' (this run: 'finetune runs/shapes.pt'). To keep it, "
+        "pass another checkpoint path (train.py: --checkpoint OTHER.pt); to start over and "
+        "overwrite it, pass resume=False (train.py: --no-resume).")
+    assert_same_weights(before, weights(other), atol=0)  # nothing loaded
+    history = fit(other, loader, 1, checkpoint_path=path, provenance=mine, resume=False, **QUIET)
+    assert len(history["total"]) == 2
+    assert torch.load(path, weights_only=True)["provenance"] == mine
+
+
+def test_a_checkpoint_that_records_no_provenance_resumes_with_a_note(tmp_path, capsys):
+    path = str(tmp_path / "old.pt")
+    loader = make_loader(toy_data(4), 2, shuffle=False)
+    fit(ToyDetector(), loader, 1, checkpoint_path=path, **QUIET)  # as older versions saved
+    history = fit(ToyDetector(), loader, 2, checkpoint_path=path, provenance={"data": "shapes"},
+                  **QUIET)
+    assert history["step"] == [1, 2, 3, 4]  # resumed at step 2
+    said = capsys.readouterr().err.splitlines()
+    assert said == [f"Note: {path} does not record what it was trained on (an older "
+                    "checkpoint): resuming it unchecked."]
+
+
+def test_train_py_refuses_to_resume_a_run_of_other_data(tmp_path, own_coco_folder, capsys):
+    train = _train_module()
+    path = str(tmp_path / "train.pt")
+    tiny = ["--image-size", "64", "--batch-size", "2", "--no-amp", "--checkpoint", path]
+    train.main(["--num-images", "2", *tiny])
+    with pytest.raises(SystemExit) as refused:
+        train.main(["--data", str(own_coco_folder), *tiny])
+    message = str(refused.value.code)
+    assert message.startswith(f"train.py: {path} was trained on something else than this run: "
+                              f"data 'shapes' (this run: '{own_coco_folder}')")
+    assert "--checkpoint OTHER.pt" in message and "--no-resume" in message
+    assert "num_classes" not in message  # 3 names + the background, as the shapes
+
+
+def test_train_py_finetune_of_a_missing_file_says_so_and_what_it_takes(tmp_path, monkeypatch):
+    train = _train_module()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "shapes.pt").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--finetune", "runs/shapse.pt"])
+    assert str(stopped.value.code) == (
+        "train.py --finetune runs/shapse.pt: no such file (did you mean runs/shapes.pt?). "
+        "--finetune takes the path of a checkpoint file of this course (one that train.py "
+        "--checkpoint wrote) or torchvision's weights name COCO_V1 or DEFAULT (its COCO-trained "
+        "ResNet-50 + FPN).")
+    with pytest.raises(SystemExit, match=r"^train.py --finetune runs: is a folder, not a check"):
+        train.main(["--finetune", "runs"])
+
+
+def _train_module():
+    """train.py, imported from the course folder."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import train
+
+    return train
 
 
 def test_transfer_weights_loads_what_fits_and_names_the_rest(tmp_path):
@@ -615,10 +733,7 @@ def test_small_detector_learns_the_shapes():
 
 
 def test_train_py_on_ctrl_c_prints_one_line_and_exits_130(tmp_path, monkeypatch, capsys):
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import train
+    train = _train_module()
 
     def interrupted_fit(*args, **kwargs):
         raise TrainingInterrupted(f"Interrupted at step 3 of 8: saved {kwargs['checkpoint_path']}; "
