@@ -226,6 +226,24 @@ def test_workers_yield_each_sample_once(coco_kit, kind, workers):
     assert len(ids) == len(set(ids)) == 7
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_two_ranks_of_two_workers_each_read_their_own_images(coco_dir, monkeypatch):
+    """Under torchrun (faked here: ``rank_and_world_size`` is how the stream asks) each of the
+    2 ranks x 2 DataLoader workers reads its own images: none twice, none left out."""
+    import frcnn_common
+
+    seen = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(frcnn_common, "rank_and_world_size", lambda: (rank, 2))
+        data = COCOStreamDataset("val", source=coco_dir, resize="square", min_size=32)
+        seen[rank] = image_ids(DataLoader(data, batch_size=1, num_workers=2,
+                                          collate_fn=frcnn_collate_fn))
+    everyone = seen[0] + seen[1]
+    assert seen[0] and seen[1], seen
+    assert len(everyone) == len(set(everyone)), f"an image read twice: {seen}"
+    assert sorted(everyone) == [101, 102, 103, 104, 105, 106]
+
+
 @pytest.mark.parametrize("kind", ["map", "stream"])
 def test_shuffle(coco_kit, kind):
     scenes = [dict(s, image_id=s["image_id"] + 100 * k) for k in range(4) for s in coco_kit.SCENES]
