@@ -447,6 +447,34 @@ def test_collate_with_stream_of_mixed_sizes(hub_dataset):
     assert [tuple(image.shape[-2:]) for image in images] == [tuple(t["size"].tolist()) for t in targets]
 
 
+# ─── inference on your own images: resized as torchvision's transform, boxes mapped back ────────
+
+
+@pytest.mark.parametrize("height, width", [(480, 640), (375, 500), (800, 800), (100, 1000),
+                                           (1999, 333), (57, 75)])
+def test_make_sample_resizes_as_torchvisions_transform(gen, height, width):
+    """Shorter side 800, longer at most 1333: the size, the pixels and the boxes of
+    ``GeneralizedRCNNTransform`` (its ``_resize_image_and_masks`` and ``resize_boxes``), and a
+    box of the resized image (flipped too) maps back onto the original with ``boxes_to_original``."""
+    from torchvision.models.detection.transform import _resize_image_and_masks, resize_boxes
+
+    from frcnn_common import make_sample, resized_size
+
+    pixels = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=gen(0))
+    box = torch.tensor([[width * 0.1, height * 0.2, width * 0.7, height * 0.9]])
+    image, target = make_sample(pixels, box, torch.ones(1), 0, min_size=800, max_size=1333,
+                                flip_prob=1.0)
+    normalised = (pixels.float() / 255 - IMAGENET_MEAN) / IMAGENET_STD
+    theirs, _ = _resize_image_and_masks(normalised, 800, 1333)
+    assert resized_size(height, width, min_size=800, max_size=1333) == tuple(theirs.shape[1:])
+    torch.testing.assert_close(image.flip(-1), theirs)
+    their_box = resize_boxes(box, [height, width], list(theirs.shape[1:]))
+    x1, y1, x2, y2 = target["boxes"][0].tolist()
+    unflipped = torch.tensor([[theirs.shape[2] - x2, y1, theirs.shape[2] - x1, y2]])
+    torch.testing.assert_close(unflipped, their_box)
+    torch.testing.assert_close(boxes_to_original(target["boxes"], target), box)
+
+
 # ─── the files beside the module ─────────────────────────────────────────────────────────────
 
 
