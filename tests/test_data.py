@@ -494,6 +494,35 @@ def test_the_module_files_import_only_those_above_them(name, loads):
     assert run.stdout.strip() == repr(loads)
 
 
+def test_the_installed_module_imports_from_any_folder(tmp_path, hang_limit_s):
+    """What ``make setup`` does (``pip install --no-deps -e .``), into a folder of this test, then
+    a python started elsewhere, without the repository on its path, imports every module file:
+    each from this repository. A file left out of pyproject.toml's ``py-modules`` fails here."""
+    import glob
+    import site
+
+    pytest.importorskip("setuptools", reason="pip builds the editable install with setuptools")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    target = str(tmp_path / "site")
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                              "--no-build-isolation", "--no-index", "--disable-pip-version-check",
+                              "-e", root, "--target", target],
+                             capture_output=True, text=True, timeout=hang_limit_s)
+    assert install.returncode == 0, install.stderr
+    names = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(root, "frcnn_*.py")))
+    assert len(names) == 5, names
+    # -S: not the .venv's own site set-up, whose editable install may be another checkout's;
+    # this test's install first, then the .venv's packages (torch, ...) as plain folders
+    code = (f"import site, sys; site.addsitedir({target!r}); sys.path += {site.getsitepackages()!r}; "
+            f"assert not any(p.startswith({root!r}) for p in sys.path), sys.path; "
+            f"import {', '.join(names)}; print({', '.join(n + '.__file__' for n in names)})")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=hang_limit_s)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [os.path.join(root, n + ".py") for n in names]
+
+
 @pytest.mark.parametrize("name, home", [("fit", "frcnn_engine"), ("coco_map", "frcnn_engine"),
                                         ("draw_boxes", "frcnn_course"), ("setup_notebook", "frcnn_course")])
 def test_a_name_that_moved_out_of_frcnn_common_names_its_new_home(name, home):
