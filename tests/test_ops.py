@@ -324,6 +324,32 @@ def test_backend_switch_changes_the_implementation(gen):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("setting, said", [
+    (None, "['torchvision::nms']"), ("pure", "[]"),
+    ("cuda", "FRCNN_OPS_BACKEND must be one of ('torchvision', 'pure'), got 'cuda'")])
+def test_the_environment_variable_picks_the_ops_at_import(setting, said):
+    """``FRCNN_OPS_BACKEND`` is read when ``frcnn_ops`` is imported: a fresh python with it set
+    runs the model's NMS on the kernels it names (none of torchvision's for ``pure``) or stops
+    at the import, naming the choices."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "FRCNN_OPS_BACKEND"}
+    env.update({} if setting is None else {"FRCNN_OPS_BACKEND": setting})
+    code = ("import torch, frcnn_common as fc\n"
+            "with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:\n"
+            "    fc.run_op('nms', torch.tensor([[0., 0, 4, 4], [0, 0, 4, 5]]), torch.ones(2), 0.5)\n"
+            "print(sorted({e.name for e in p.events() if e.name.startswith('torchvision::')}\n"
+            "             - {'torchvision::_cuda_version'}))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if setting == "cuda":
+        assert run.returncode != 0 and said in run.stderr.splitlines()[-1]
+    else:
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == said
+
+
 def test_set_ops_backend_returns_previous_and_rejects_unknown_names():
     start = fc.set_ops_backend("pure")
     try:
