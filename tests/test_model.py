@@ -11,7 +11,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBN
 
 import frcnn_common as fc
-from detectors import detector_pair
+from detectors import detector_pair, small_detector
 from twin import torchvision_twin
 
 
@@ -462,6 +462,19 @@ def test_a_custom_single_map_backbone_trains_and_predicts():
     assert model.training, "predict restores the training mode"
     assert set(results[0]) == {"boxes", "scores", "labels"}
     assert (results[0]["labels"] >= 1).all() and (results[0]["labels"] <= 3).all()
+
+
+def test_predict_keeps_no_autograd_graph(gen):
+    """README: ``predict`` runs without gradients, even where they are enabled: no result holds a
+    graph of the forward pass (which for a large image costs seconds and gigabytes)."""
+    model = small_detector().train()
+    assert torch.is_grad_enabled()
+    results = model.predict([torch.randn(3, 64, 64, generator=gen(0)),
+                             torch.randn(3, 48, 80, generator=gen(1))])
+    assert all(len(r["boxes"]) > 0 for r in results), "the check needs detections"
+    for result in results:
+        for key, value in result.items():
+            assert value.grad_fn is None and not value.requires_grad, key
 
 
 def test_a_wrong_feat_channels_is_named():
