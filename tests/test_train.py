@@ -452,6 +452,51 @@ def test_a_finished_run_restarted_says_there_is_nothing_to_train(tmp_path, capsy
     assert len(history["total"]) == 2  # the finished run's history, nothing added
 
 
+def test_resume_false_starts_over_and_overwrites_the_checkpoint(tmp_path, capsys):
+    """A second run with ``resume=False`` (and another learning rate) trains from its own
+    weights, as if no checkpoint were there: resuming would find nothing left to train."""
+    path = str(tmp_path / "over.pt")
+    loader = make_loader(toy_data(4), 2, shuffle=False)
+    fit(ToyDetector(), loader, 1, lr=0.1, checkpoint_path=path, **QUIET)
+    torch.manual_seed(0)
+    expected = ToyDetector()
+    history_expected = fit(expected, loader, 1, lr=0.01, **QUIET)
+    torch.manual_seed(0)
+    again = ToyDetector()
+    history = fit(again, loader, 1, lr=0.01, checkpoint_path=path, resume=False,
+                  **{**QUIET, "progress": True})
+    assert f"resume=False: starting fresh, {path} is overwritten" in capsys.readouterr().err
+    assert history == history_expected
+    assert_same_weights(weights(again), weights(expected), atol=0)
+    saved = ToyDetector()
+    assert load_checkpoint(path, saved).step == 2
+    assert_same_weights(weights(saved), weights(expected), atol=0)
+
+
+def test_max_grad_norm_clips_the_gradient_the_optimiser_steps_with():
+    """The gradient norm at each ``optimizer.step`` is the reported (unclipped) norm, at most
+    ``max_grad_norm``; half the smallest unclipped norm clips every step, so the run differs."""
+
+    def run(max_grad_norm):
+        torch.manual_seed(0)
+        model = ToyDetector()
+        optimizer = make_optimizer(model, lr=0.1)
+        seen = []  # the gradient's L2 norm when the optimiser steps
+        optimizer.register_step_pre_hook(lambda *_: seen.append(math.sqrt(sum(
+            float(p.grad.pow(2).sum()) for g in optimizer.param_groups for p in g["params"]))))
+        history = fit(model, make_loader(toy_data(8), 2, shuffle=False), 1, optimizer=optimizer,
+                      max_grad_norm=max_grad_norm, warmup_steps=0, **QUIET)
+        return weights(model), history["grad_norm"], seen
+
+    free, reported, seen = run(None)
+    assert seen == pytest.approx(reported, rel=1e-5)
+    limit = min(reported) / 2
+    clipped, reported, seen = run(limit)
+    assert len(seen) == 4 and all(norm > limit for norm in reported)
+    assert seen == pytest.approx([limit] * 4, rel=1e-4)
+    assert not torch.equal(free["fc.weight"], clipped["fc.weight"])
+
+
 def test_a_checkpoint_of_two_processes_resumed_by_one_warns(tmp_path):
     path = str(tmp_path / "two.pt")
     save_checkpoint(path, ToyDetector(), state=TrainState(step=1))
@@ -482,6 +527,10 @@ def test_train_py_help_shows_defaults_and_a_run_says_where_its_checkpoint_went(t
     assert f"Checkpoint: {path}" in run.stdout and "mean of the last 2" in run.stdout
     again = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
     assert "Nothing to train" in again.stderr
+    fresh = subprocess.run(args + ["--no-resume"], capture_output=True, text=True, cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stderr
+    assert f"resume=False: starting fresh, {path} is overwritten" in fresh.stderr
+    assert "2 steps in all" in fresh.stdout and "Nothing to train" not in fresh.stderr
 
 
 # ── model switches and AMP ───────────────────────────────────────────────────────────────────
