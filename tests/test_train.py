@@ -7,6 +7,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -26,6 +28,7 @@ from detectors import small_detector
 
 CPU = torch.device("cpu")
 QUIET = dict(device=CPU, amp=False, progress=False)
+TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
 
 
 # ── helpers ──────────────────────────────────────────────────────────────────────────────────
@@ -631,6 +634,35 @@ def test_ddp_gives_the_same_update_as_one_process(tmp_path, hang_limit_s):
     outcome = torch.load(os.path.join(folder, "detector.pt"))
     assert outcome["in_sync"], "the detector's weights differ between the ranks after DDP steps"
     assert outcome["skipped"] == 1 and outcome["nan_in_sync"], "ranks disagreed on a NaN step"
+
+
+def test_train_py_under_torchrun_trains_saves_one_checkpoint_and_resumes(tmp_path, hang_limit_s):
+    """README's ``torchrun --nproc_per_node=2 train.py --epochs ... --no-amp`` at a tiny size: two
+    CPU processes (gloo) share the 8 images (2 steps of 2 per process and epoch), rank 0 writes
+    the one checkpoint holding both ranks' random state, and the same command with one epoch
+    more resumes it."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    path = str(tmp_path / "runs" / "ddp.pt")
+
+    def train(epochs):
+        command = [torchrun, "--nproc_per_node=2", f"--master_port={_free_port()}", TRAIN_PY,
+                   "--epochs", str(epochs), "--no-amp", "--num-images", "8", "--image-size", "64",
+                   "--batch-size", "2", "--checkpoint", path]
+        run = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path,
+                             timeout=hang_limit_s)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return run
+
+    first = train(1)
+    assert first.stdout.count(f"Checkpoint: {path}") == 1, first.stdout  # rank 0 alone says it
+    assert "2 steps in all" in first.stdout
+    assert os.listdir(tmp_path / "runs") == ["ddp.pt"]
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["step"] == 2 and len(checkpoint["rng"]) == 2
+    second = train(2)
+    assert "Resuming from" in second.stderr and "4 steps in all" in second.stdout
+    assert torch.load(path, weights_only=True)["step"] == 4
+    assert os.listdir(tmp_path / "runs") == ["ddp.pt"]
 
 
 # ── it learns ────────────────────────────────────────────────────────────────────────────────
