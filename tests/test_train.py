@@ -536,6 +536,35 @@ def test_train_py_help_shows_defaults_and_a_run_says_where_its_checkpoint_went(t
     assert "2 steps in all" in fresh.stdout and "Nothing to train" not in fresh.stderr
 
 
+@pytest.mark.parametrize("args, said", [
+    (["--data", "coco"], ["https://huggingface.co is unreachable", "a COCO 2017 directory"]),
+    (["--model", "resnet50_fpn", "--weights-backbone", "IMAGENET1K_V1"],
+     ["download.pytorch.org/models/resnet50-", "is unreachable", "copy resnet50-"]),
+    (["--finetune", "COCO_V1"],
+     ["download.pytorch.org/models/fasterrcnn_resnet50_fpn_coco-", "is unreachable", "copy "]),
+], ids=["data_coco", "resnet50_fpn", "finetune_coco_v1"])
+def test_train_py_offline_stops_with_what_to_do(tmp_path, hang_limit_s, args, said):
+    """No network (every connection through a proxy nobody answers on, no cached weights): the
+    hub's COCO and torchvision's weights fail with an error naming what is unreachable and the
+    way out (a local copy; the file to put in the torch hub cache), not a hang."""
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        proxy = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    drop = {"HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT", "no_proxy", "NO_PROXY"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(TORCH_HOME=str(tmp_path / "torch"), HF_HOME=str(tmp_path / "hf"),
+               **{name: proxy for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")})
+    run = subprocess.run([sys.executable, TRAIN_PY, *args, "--no-amp", "--checkpoint",
+                          str(tmp_path / "x.pt")], capture_output=True, text=True, cwd=tmp_path,
+                         env=env, timeout=hang_limit_s)
+    assert run.returncode != 0 and "ConnectionError:" in run.stderr, run.stderr[-2000:]
+    error = run.stderr[run.stderr.index("ConnectionError:"):]
+    assert all(words in error for words in said), error
+    if "--data" not in args:
+        assert os.path.join(str(tmp_path / "torch"), "hub", "checkpoints") in error
+    assert not os.path.exists(tmp_path / "x.pt")
+
+
 # ── model switches and AMP ───────────────────────────────────────────────────────────────────
 
 
