@@ -82,20 +82,27 @@ class Interrupt(Exception):
     """Stands for the run being killed (Ctrl-C, a lost machine)."""
 
 
-class InterruptingLoader:
-    """Yields the batches of ``loader`` and raises :class:`Interrupt` on the batch after
-    ``after`` batches in total (across epochs)."""
+class StoppingLoader:
+    """Yields the batches of ``loader`` until batch number ``at`` (counted from 0 across epochs),
+    where the run is stopped ``how``: ``"kill"`` raises :class:`Interrupt` instead of yielding it
+    (the process dies, nothing saves); ``"raise"`` raises KeyboardInterrupt instead (Ctrl-C while
+    the loader fetches); ``"signal"`` sends this process a real SIGINT just before yielding it
+    (Ctrl-C in a terminal during that batch's step)."""
 
-    def __init__(self, loader, after: int):
-        self.loader, self.after, self.drawn = loader, after, 0
+    def __init__(self, loader, at: int, how: str):
+        self.loader, self.at, self.how, self.drawn = loader, at, how, 0
 
     def __len__(self):
         return len(self.loader)
 
     def __iter__(self):
         for batch in self.loader:
-            if self.drawn == self.after:
-                raise Interrupt
+            if self.drawn == self.at:
+                if self.how == "kill":
+                    raise Interrupt
+                if self.how == "raise":
+                    raise KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGINT)
             self.drawn += 1
             yield batch
 
@@ -221,7 +228,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     torch.manual_seed(1)
     path = str(tmp_path / "b.pt")
     with pytest.raises(Interrupt):
-        fit(model_b, InterruptingLoader(loader, after=5), 2, checkpoint_path=path,
+        fit(model_b, StoppingLoader(loader, at=5, how="kill"), 2, checkpoint_path=path,
             checkpoint_every=2, **settings)
     assert load_checkpoint(path, small_detector()).step == 4
 
@@ -234,28 +241,6 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     for key in ("total", "rpn_cls", "roi_cls", "lr"):
         assert history_c[key] == pytest.approx(history_a[key], rel=1e-5, abs=1e-7), key
     assert not glob.glob(str(tmp_path / ".*tmp*")), "temporary checkpoint files left behind"
-
-
-class CtrlCLoader:
-    """Yields the batches of ``loader``; ``how="signal"`` sends this process a real SIGINT just
-    before yielding batch number ``at`` (counted from 0 across epochs), as Ctrl-C in a terminal
-    would during that batch's step; ``how="raise"`` raises KeyboardInterrupt instead of yielding
-    it, as Ctrl-C while the loader fetches."""
-
-    def __init__(self, loader, at: int, how: str):
-        self.loader, self.at, self.how, self.drawn = loader, at, how, 0
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        for batch in self.loader:
-            if self.drawn == self.at:
-                if self.how == "raise":
-                    raise KeyboardInterrupt
-                os.kill(os.getpid(), signal.SIGINT)
-            self.drawn += 1
-            yield batch
 
 
 @pytest.mark.parametrize("how, saved_step", [("raise", 4), ("signal", 5)])
@@ -272,7 +257,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_rerun_equals_an_uninterrupted_run(tmp
     path = str(tmp_path / "b.pt")
     handler = signal.getsignal(signal.SIGINT)  # Python's default; ignored in a background job
     with pytest.raises(TrainingInterrupted) as stopped:  # checkpoint_every=0: only the Ctrl-C save
-        fit(model_b, CtrlCLoader(loader, at=4, how=how), 2, checkpoint_path=path,
+        fit(model_b, StoppingLoader(loader, at=4, how=how), 2, checkpoint_path=path,
             checkpoint_every=0, **settings)
     assert str(stopped.value) == f"Interrupted at step {saved_step} of 6: saved {path}; run the " \
                                  "same again to resume from there."
