@@ -172,13 +172,28 @@ def cpu():
 
 @pytest.fixture(scope="session")
 def resnet50_state():
-    """Random ResNet-50 weights as a state dict: given as ``weights``, they count as pretrained
-    (so stages can be frozen) without a download."""
-    import torch
-    from frcnn_common import ResNet50
+    """Random ResNet-50 weights as a state dict (``detectors.random_resnet50_state``, seed 0):
+    given as ``weights``, they count as pretrained (so stages can be frozen) without a download."""
+    from detectors import random_resnet50_state
 
-    torch.manual_seed(0)
-    return ResNet50().state_dict()
+    return random_resnet50_state(0)
+
+
+@pytest.fixture
+def empty_target():
+    """The target of an image without objects: no boxes, no labels."""
+    import torch
+
+    return {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+
+
+@pytest.fixture
+def one_thread():
+    """The test runs on one torch CPU thread (``cpu_threads(1)``); the count is restored after."""
+    from frcnn_common import cpu_threads
+
+    with cpu_threads(1):
+        yield
 
 
 @pytest.fixture

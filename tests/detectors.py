@@ -7,6 +7,13 @@ import frcnn_common as fc
 from twin import torchvision_twin
 
 
+def random_resnet50_state(seed: int = 0) -> dict:
+    """Random ResNet-50 weights (global RNG seeded with ``seed``) as a state dict: given as
+    ``weights``, they count as pretrained (so stages can be frozen) without a download."""
+    torch.manual_seed(seed)
+    return fc.ResNet50().state_dict()
+
+
 def detector_pair(seed: int = 0, num_classes: int = fc.NUM_CLASSES, **kwargs):
     """Our ResNet-50 + FPN detector with random weights (statistics included), in eval mode, and
     torchvision's twin of it holding the same weights.
@@ -14,8 +21,7 @@ def detector_pair(seed: int = 0, num_classes: int = fc.NUM_CLASSES, **kwargs):
     The backbone's random weights are passed as "pretrained" ones, so that stages can be frozen as
     with real weights; the classifier gets large weights so that random features still give
     confident detections."""
-    torch.manual_seed(seed)
-    backbone_state = fc.ResNet50().state_dict()
+    backbone_state = random_resnet50_state(seed)
     model = fc.fasterrcnn_resnet50_fpn(num_classes, weights_backbone=backbone_state, frozen_bn=True,
                                        trainable_layers=3, **kwargs)
     with torch.no_grad():

@@ -226,6 +226,24 @@ def test_workers_yield_each_sample_once(coco_kit, kind, workers):
     assert len(ids) == len(set(ids)) == 7
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_two_ranks_of_two_workers_each_read_their_own_images(coco_dir, monkeypatch):
+    """Under torchrun (faked here: ``rank_and_world_size`` is how the stream asks) each of the
+    2 ranks x 2 DataLoader workers reads its own images: none twice, none left out."""
+    import frcnn_common
+
+    seen = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(frcnn_common, "rank_and_world_size", lambda: (rank, 2))
+        data = COCOStreamDataset("val", source=coco_dir, resize="square", min_size=32)
+        seen[rank] = image_ids(DataLoader(data, batch_size=1, num_workers=2,
+                                          collate_fn=frcnn_collate_fn))
+    everyone = seen[0] + seen[1]
+    assert seen[0] and seen[1], seen
+    assert len(everyone) == len(set(everyone)), f"an image read twice: {seen}"
+    assert sorted(everyone) == [101, 102, 103, 104, 105, 106]
+
+
 @pytest.mark.parametrize("kind", ["map", "stream"])
 def test_shuffle(coco_kit, kind):
     scenes = [dict(s, image_id=s["image_id"] + 100 * k) for k in range(4) for s in coco_kit.SCENES]
@@ -429,6 +447,34 @@ def test_collate_with_stream_of_mixed_sizes(hub_dataset):
     assert [tuple(image.shape[-2:]) for image in images] == [tuple(t["size"].tolist()) for t in targets]
 
 
+# ─── inference on your own images: resized as torchvision's transform, boxes mapped back ────────
+
+
+@pytest.mark.parametrize("height, width", [(480, 640), (375, 500), (800, 800), (100, 1000),
+                                           (1999, 333), (57, 75)])
+def test_make_sample_resizes_as_torchvisions_transform(gen, height, width):
+    """Shorter side 800, longer at most 1333: the size, the pixels and the boxes of
+    ``GeneralizedRCNNTransform`` (its ``_resize_image_and_masks`` and ``resize_boxes``), and a
+    box of the resized image (flipped too) maps back onto the original with ``boxes_to_original``."""
+    from torchvision.models.detection.transform import _resize_image_and_masks, resize_boxes
+
+    from frcnn_common import make_sample, resized_size
+
+    pixels = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=gen(0))
+    box = torch.tensor([[width * 0.1, height * 0.2, width * 0.7, height * 0.9]])
+    image, target = make_sample(pixels, box, torch.ones(1), 0, min_size=800, max_size=1333,
+                                flip_prob=1.0)
+    normalised = (pixels.float() / 255 - IMAGENET_MEAN) / IMAGENET_STD
+    theirs, _ = _resize_image_and_masks(normalised, 800, 1333)
+    assert resized_size(height, width, min_size=800, max_size=1333) == tuple(theirs.shape[1:])
+    torch.testing.assert_close(image.flip(-1), theirs)
+    their_box = resize_boxes(box, [height, width], list(theirs.shape[1:]))
+    x1, y1, x2, y2 = target["boxes"][0].tolist()
+    unflipped = torch.tensor([[theirs.shape[2] - x2, y1, theirs.shape[2] - x1, y2]])
+    torch.testing.assert_close(unflipped, their_box)
+    torch.testing.assert_close(boxes_to_original(target["boxes"], target), box)
+
+
 # ─── the files beside the module ─────────────────────────────────────────────────────────────
 
 
@@ -446,6 +492,35 @@ def test_the_module_files_import_only_those_above_them(name, loads):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == repr(loads)
+
+
+def test_the_installed_module_imports_from_any_folder(tmp_path, hang_limit_s):
+    """What ``make setup`` does (``pip install --no-deps -e .``), into a folder of this test, then
+    a python started elsewhere, without the repository on its path, imports every module file:
+    each from this repository. A file left out of pyproject.toml's ``py-modules`` fails here."""
+    import glob
+    import site
+
+    pytest.importorskip("setuptools", reason="pip builds the editable install with setuptools")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    target = str(tmp_path / "site")
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                              "--no-build-isolation", "--no-index", "--disable-pip-version-check",
+                              "-e", root, "--target", target],
+                             capture_output=True, text=True, timeout=hang_limit_s)
+    assert install.returncode == 0, install.stderr
+    names = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(root, "frcnn_*.py")))
+    assert len(names) == 5, names
+    # -S: not the .venv's own site set-up, whose editable install may be another checkout's;
+    # this test's install first, then the .venv's packages (torch, ...) as plain folders
+    code = (f"import site, sys; site.addsitedir({target!r}); sys.path += {site.getsitepackages()!r}; "
+            f"assert not any(p.startswith({root!r}) for p in sys.path), sys.path; "
+            f"import {', '.join(names)}; print({', '.join(n + '.__file__' for n in names)})")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=hang_limit_s)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [os.path.join(root, n + ".py") for n in names]
 
 
 @pytest.mark.parametrize("name, home", [("fit", "frcnn_engine"), ("coco_map", "frcnn_engine"),

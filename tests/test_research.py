@@ -28,14 +28,6 @@ def our_name(torchvision_name: str) -> str:
     return torchvision_name
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_heads_start_from_torchvisions_initialisation():
     """Every head layer's weights have torchvision's spread (std ratio within 0.75..1.33, four
     standard errors for the smallest layer, 192 weights) and its biases are zero exactly where

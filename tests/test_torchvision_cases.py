@@ -400,13 +400,18 @@ def test_roi_align_refuses_boxes_of_the_wrong_shape(boxes, named):
         fc.roi_align(x, boxes, (2, 2))
 
 
-@pytest.mark.parametrize("aligned", [False, True])
-def test_roi_align_gradcheck_with_one_sample_per_bin(aligned, gen):
+@pytest.mark.parametrize("aligned, shape, rois, output, scale, sampling_ratio", [
+    (aligned, (1, 8, 5, 5), [[0, 0, 0, 4, 4], [0, 0, 2, 3, 4], [0, 2, 2, 4, 4]], 2, 1.0, 1)
+    for aligned in (False, True)] + [  # torchvision's: one sampling point per bin
+    (True, (1, 2, 6, 7), [[0, 1, 2, 17, 20], [0, -3, -2, 9, 30], [0, 20, 20, 31, 26]], 3, 0.25, -1),
+], ids=["one_sample_per_bin", "aligned_one_sample_per_bin", "adaptive_boxes_partly_outside"])
+def test_roi_align_gradcheck(aligned, shape, rois, output, scale, sampling_ratio, gen):
     """TestRoIAlign.test_backward: torch.autograd.gradcheck in float64 on a tiny input, one
-    sampling point per bin."""
-    x = torch.rand(1, 8, 5, 5, generator=gen(4), dtype=torch.float64).requires_grad_()
-    rois = torch.tensor([[0, 0, 0, 4, 4], [0, 0, 2, 3, 4], [0, 2, 2, 4, 4]], dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda t: fc.roi_align(t, rois, 2, 1.0, 1, aligned), (x,))
+    sampling point per bin; and with the adaptive sampling grid and boxes partly off the map."""
+    x = torch.rand(*shape, generator=gen(4), dtype=torch.float64).requires_grad_()
+    rois = torch.tensor(rois, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda t: fc.roi_align(t, rois, output, scale, sampling_ratio, aligned), (x,))
 
 
 # ─── AnchorGenerator (test_models_detection_anchor_utils.py) ─────────────────────────────────
@@ -577,11 +582,7 @@ def test_decode_clamps_size_deltas_at_log_1000_over_16_per_class(weights):
 # ─── targets without boxes (test_models_detection_negative_samples.py) ───────────────────────
 
 
-def _empty_target():
-    return {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
-
-
-def test_rpn_with_no_ground_truth_boxes_samples_only_negatives():
+def test_rpn_with_no_ground_truth_boxes_samples_only_negatives(empty_target):
     """TestModelsDetectionNegativeSamples.test_targets_to_anchors: with no boxes every anchor is
     background. With the objectness logits all equal to b, the classification loss is the
     cross-entropy of b against label 0, log(1 + e^b), and the box loss is exactly 0."""
@@ -594,14 +595,14 @@ def test_rpn_with_no_ground_truth_boxes_samples_only_negatives():
         head.cls_logits.weight.zero_()
         head.cls_logits.bias.fill_(0.3)
     features = [torch.rand(1, 4, s, s) for s in (25, 13, 7, 4, 2)]
-    proposals, losses = rpn(features, [(100, 100)], (100, 100), [_empty_target()])
+    proposals, losses = rpn(features, [(100, 100)], (100, 100), [empty_target])
     assert set(losses) == {"rpn_cls", "rpn_box"}
     assert losses["rpn_box"].item() == 0.0
     torch.testing.assert_close(losses["rpn_cls"], torch.tensor(math.log1p(math.exp(0.3))))
     assert len(proposals) == 1 and proposals[0].shape[1] == 4
 
 
-def test_roi_heads_with_no_ground_truth_boxes_label_every_proposal_background(gen):
+def test_roi_heads_with_no_ground_truth_boxes_label_every_proposal_background(gen, empty_target):
     """TestModelsDetectionNegativeSamples.test_assign_targets_to_proposals: with no boxes every
     proposal is sampled as background (label 0); the box loss is exactly 0 and the class loss is
     the cross-entropy of the logits against class 0."""
@@ -609,7 +610,7 @@ def test_roi_heads_with_no_ground_truth_boxes_label_every_proposal_background(ge
     roi_heads = fc.ROIHeads(fc.ROIAlign(7, 2), fc.TwoMLPHead(4 * 7 * 7, 32),
                             fc.FastRCNNPredictor(32, 2)).train()
     proposals = [_random_boxes(20, gen(7), extent=45.0)]
-    sampled, labels, _ = roi_heads.sample(proposals, [_empty_target()])
+    sampled, labels, _ = roi_heads.sample(proposals, [empty_target])
     assert sampled[0].shape == (20, 4)  # fewer than 512 proposals: all are sampled
     assert labels[0].dtype == torch.int64 and labels[0].shape == (20,)
     assert (labels[0] == 0).all()
@@ -618,18 +619,18 @@ def test_roi_heads_with_no_ground_truth_boxes_label_every_proposal_background(ge
         roi_heads.predictor.cls_score.weight.zero_()
         roi_heads.predictor.cls_score.bias.copy_(bias)
     features = [torch.rand(1, 4, s, s) for s in (25, 13, 7, 4)]
-    _, losses = roi_heads(features, proposals, [(100, 100)], [_empty_target()])
+    _, losses = roi_heads(features, proposals, [(100, 100)], [empty_target])
     assert losses["roi_box"].item() == 0.0
     torch.testing.assert_close(losses["roi_cls"], -torch.log_softmax(bias, 0)[0])
 
 
-def test_detector_trains_on_an_image_without_boxes():
+def test_detector_trains_on_an_image_without_boxes(empty_target):
     """TestModelsDetectionNegativeSamples.test_forward_negative_sample_frcnn: a training forward
     of one 100 x 100 image with no boxes gives finite losses, both box losses exactly 0, and
     finite gradients."""
     torch.manual_seed(0)
     model = fc.tiny_detector(2).train()
-    losses = model([torch.rand(3, 100, 100)], [_empty_target()])
+    losses = model([torch.rand(3, 100, 100)], [empty_target])
     assert losses["rpn_box"].item() == 0.0 and losses["roi_box"].item() == 0.0
     assert losses["rpn_cls"] > 0 and losses["roi_cls"] > 0
     assert all(torch.isfinite(v) for v in losses.values())
@@ -649,7 +650,7 @@ def test_resnet50_trainable_layers_without_weights_warns_and_trains_every_layer(
     stages has no effect: torchvision warns and trains all 5; so does ResNet50."""
     with pytest.warns(UserWarning):
         assert _validate_trainable_layers(False, trainable_layers, 5, 3) == 5
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="no effect without pretrained weights"):
         backbone = fc.ResNet50(weights=None, trainable_layers=trainable_layers)
     assert all(p.requires_grad for p in backbone.parameters())
 

@@ -7,6 +7,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -27,6 +29,7 @@ from detectors import small_detector
 
 CPU = torch.device("cpu")
 QUIET = dict(device=CPU, amp=False, progress=False)
+TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
 
 
 # ── helpers ──────────────────────────────────────────────────────────────────────────────────
@@ -80,20 +83,46 @@ class Interrupt(Exception):
     """Stands for the run being killed (Ctrl-C, a lost machine)."""
 
 
-class InterruptingLoader:
-    """Yields the batches of ``loader`` and raises :class:`Interrupt` on the batch after
-    ``after`` batches in total (across epochs)."""
+def two_quick_presses() -> None:
+    """Two SIGINTs that reach this process while its main thread is busy outside Python (here:
+    waiting for another thread, which sends both to itself, each handled at C level as it is
+    sent), as two Ctrl-C pressed within a backward pass: Python then runs the handler once."""
+    import threading
 
-    def __init__(self, loader, after: int):
-        self.loader, self.after, self.drawn = loader, after, 0
+    def press_twice():
+        for _ in range(2):
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+    presser = threading.Thread(target=press_twice)
+    presser.start()
+    presser.join(timeout=60)
+
+
+class StoppingLoader:
+    """Yields the batches of ``loader`` until batch number ``at`` (counted from 0 across epochs),
+    where the run is stopped ``how``: ``"kill"`` raises :class:`Interrupt` instead of yielding it
+    (the process dies, nothing saves); ``"raise"`` raises KeyboardInterrupt instead (Ctrl-C while
+    the loader fetches); ``"signal"`` sends this process a real SIGINT just before yielding it
+    (Ctrl-C in a terminal during that batch's step); ``"twice"`` two at once
+    (:func:`two_quick_presses`)."""
+
+    def __init__(self, loader, at: int, how: str):
+        self.loader, self.at, self.how, self.drawn = loader, at, how, 0
 
     def __len__(self):
         return len(self.loader)
 
     def __iter__(self):
         for batch in self.loader:
-            if self.drawn == self.after:
-                raise Interrupt
+            if self.drawn == self.at:
+                if self.how == "kill":
+                    raise Interrupt
+                if self.how == "raise":
+                    raise KeyboardInterrupt
+                if self.how == "twice":
+                    two_quick_presses()
+                else:
+                    os.kill(os.getpid(), signal.SIGINT)
             self.drawn += 1
             yield batch
 
@@ -219,7 +248,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     torch.manual_seed(1)
     path = str(tmp_path / "b.pt")
     with pytest.raises(Interrupt):
-        fit(model_b, InterruptingLoader(loader, after=5), 2, checkpoint_path=path,
+        fit(model_b, StoppingLoader(loader, at=5, how="kill"), 2, checkpoint_path=path,
             checkpoint_every=2, **settings)
     assert load_checkpoint(path, small_detector()).step == 4
 
@@ -232,47 +261,6 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     for key in ("total", "rpn_cls", "roi_cls", "lr"):
         assert history_c[key] == pytest.approx(history_a[key], rel=1e-5, abs=1e-7), key
     assert not glob.glob(str(tmp_path / ".*tmp*")), "temporary checkpoint files left behind"
-
-
-def two_quick_presses() -> None:
-    """Two SIGINTs that reach this process while its main thread is busy outside Python (here:
-    waiting for another thread, which sends both to itself, each handled at C level as it is
-    sent), as two Ctrl-C pressed within a backward pass: Python then runs the handler once."""
-    import threading
-
-    def press_twice():
-        for _ in range(2):
-            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
-
-    presser = threading.Thread(target=press_twice)
-    presser.start()
-    presser.join(timeout=60)
-
-
-class CtrlCLoader:
-    """Yields the batches of ``loader``; ``how="signal"`` sends this process a real SIGINT just
-    before yielding batch number ``at`` (counted from 0 across epochs), as Ctrl-C in a terminal
-    would during that batch's step; ``how="twice"`` two at once (:func:`two_quick_presses`);
-    ``how="raise"`` raises KeyboardInterrupt instead of yielding it, as Ctrl-C while the loader
-    fetches."""
-
-    def __init__(self, loader, at: int, how: str):
-        self.loader, self.at, self.how, self.drawn = loader, at, how, 0
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        for batch in self.loader:
-            if self.drawn == self.at:
-                if self.how == "raise":
-                    raise KeyboardInterrupt
-                if self.how == "twice":
-                    two_quick_presses()
-                else:
-                    os.kill(os.getpid(), signal.SIGINT)
-            self.drawn += 1
-            yield batch
 
 
 @pytest.mark.parametrize("how, saved_step", [("raise", 4), ("signal", 5), ("twice", 4)])
@@ -289,7 +277,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_rerun_equals_an_uninterrupted_run(tmp
     path = str(tmp_path / "b.pt")
     handler = signal.getsignal(signal.SIGINT)  # Python's default; ignored in a background job
     with pytest.raises(TrainingInterrupted) as stopped:  # checkpoint_every=0: only the Ctrl-C save
-        fit(model_b, CtrlCLoader(loader, at=4, how=how), 2, checkpoint_path=path,
+        fit(model_b, StoppingLoader(loader, at=4, how=how), 2, checkpoint_path=path,
             checkpoint_every=0, **settings)
     assert str(stopped.value) == f"Interrupted at step {saved_step} of 6: saved {path}; run the " \
                                  "same again to resume from there."
@@ -570,6 +558,51 @@ def test_a_finished_run_restarted_says_there_is_nothing_to_train(tmp_path, capsy
     assert len(history["total"]) == 2  # the finished run's history, nothing added
 
 
+def test_resume_false_starts_over_and_overwrites_the_checkpoint(tmp_path, capsys):
+    """A second run with ``resume=False`` (and another learning rate) trains from its own
+    weights, as if no checkpoint were there: resuming would find nothing left to train."""
+    path = str(tmp_path / "over.pt")
+    loader = make_loader(toy_data(4), 2, shuffle=False)
+    fit(ToyDetector(), loader, 1, lr=0.1, checkpoint_path=path, **QUIET)
+    torch.manual_seed(0)
+    expected = ToyDetector()
+    history_expected = fit(expected, loader, 1, lr=0.01, **QUIET)
+    torch.manual_seed(0)
+    again = ToyDetector()
+    history = fit(again, loader, 1, lr=0.01, checkpoint_path=path, resume=False,
+                  **{**QUIET, "progress": True})
+    assert f"resume=False: starting fresh, {path} is overwritten" in capsys.readouterr().err
+    assert history == history_expected
+    assert_same_weights(weights(again), weights(expected), atol=0)
+    saved = ToyDetector()
+    assert load_checkpoint(path, saved).step == 2
+    assert_same_weights(weights(saved), weights(expected), atol=0)
+
+
+def test_max_grad_norm_clips_the_gradient_the_optimiser_steps_with():
+    """The gradient norm at each ``optimizer.step`` is the reported (unclipped) norm, at most
+    ``max_grad_norm``; half the smallest unclipped norm clips every step, so the run differs."""
+
+    def run(max_grad_norm):
+        torch.manual_seed(0)
+        model = ToyDetector()
+        optimizer = make_optimizer(model, lr=0.1)
+        seen = []  # the gradient's L2 norm when the optimiser steps
+        optimizer.register_step_pre_hook(lambda *_: seen.append(math.sqrt(sum(
+            float(p.grad.pow(2).sum()) for g in optimizer.param_groups for p in g["params"]))))
+        history = fit(model, make_loader(toy_data(8), 2, shuffle=False), 1, optimizer=optimizer,
+                      max_grad_norm=max_grad_norm, warmup_steps=0, **QUIET)
+        return weights(model), history["grad_norm"], seen
+
+    free, reported, seen = run(None)
+    assert seen == pytest.approx(reported, rel=1e-5)
+    limit = min(reported) / 2
+    clipped, reported, seen = run(limit)
+    assert len(seen) == 4 and all(norm > limit for norm in reported)
+    assert seen == pytest.approx([limit] * 4, rel=1e-4)
+    assert not torch.equal(free["fc.weight"], clipped["fc.weight"])
+
+
 def test_a_checkpoint_of_two_processes_resumed_by_one_warns(tmp_path):
     path = str(tmp_path / "two.pt")
     save_checkpoint(path, ToyDetector(), state=TrainState(step=1))
@@ -600,6 +633,39 @@ def test_train_py_help_shows_defaults_and_a_run_says_where_its_checkpoint_went(t
     assert f"Checkpoint: {path}" in run.stdout and "mean of the last 2" in run.stdout
     again = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
     assert "Nothing to train" in again.stderr
+    fresh = subprocess.run(args + ["--no-resume"], capture_output=True, text=True, cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stderr
+    assert f"resume=False: starting fresh, {path} is overwritten" in fresh.stderr
+    assert "2 steps in all" in fresh.stdout and "Nothing to train" not in fresh.stderr
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--data", "coco"], ["https://huggingface.co is unreachable", "a COCO 2017 directory"]),
+    (["--model", "resnet50_fpn", "--weights-backbone", "IMAGENET1K_V1"],
+     ["download.pytorch.org/models/resnet50-", "is unreachable", "copy resnet50-"]),
+    (["--finetune", "COCO_V1"],
+     ["download.pytorch.org/models/fasterrcnn_resnet50_fpn_coco-", "is unreachable", "copy "]),
+], ids=["data_coco", "resnet50_fpn", "finetune_coco_v1"])
+def test_train_py_offline_stops_with_what_to_do(tmp_path, hang_limit_s, args, said):
+    """No network (every connection through a proxy nobody answers on, no cached weights): the
+    hub's COCO and torchvision's weights fail with an error naming what is unreachable and the
+    way out (a local copy; the file to put in the torch hub cache), not a hang."""
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        proxy = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    drop = {"HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT", "no_proxy", "NO_PROXY"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(TORCH_HOME=str(tmp_path / "torch"), HF_HOME=str(tmp_path / "hf"),
+               **{name: proxy for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")})
+    run = subprocess.run([sys.executable, TRAIN_PY, *args, "--no-amp", "--checkpoint",
+                          str(tmp_path / "x.pt")], capture_output=True, text=True, cwd=tmp_path,
+                         env=env, timeout=hang_limit_s)
+    assert run.returncode != 0 and "ConnectionError:" in run.stderr, run.stderr[-2000:]
+    error = run.stderr[run.stderr.index("ConnectionError:"):]
+    assert all(words in error for words in said), error
+    if "--data" not in args:
+        assert os.path.join(str(tmp_path / "torch"), "hub", "checkpoints") in error
+    assert not os.path.exists(tmp_path / "x.pt")
 
 
 # ── model switches and AMP ───────────────────────────────────────────────────────────────────
@@ -700,6 +766,35 @@ def test_ddp_gives_the_same_update_as_one_process(tmp_path, hang_limit_s):
     outcome = torch.load(os.path.join(folder, "detector.pt"))
     assert outcome["in_sync"], "the detector's weights differ between the ranks after DDP steps"
     assert outcome["skipped"] == 1 and outcome["nan_in_sync"], "ranks disagreed on a NaN step"
+
+
+def test_train_py_under_torchrun_trains_saves_one_checkpoint_and_resumes(tmp_path, hang_limit_s):
+    """README's ``torchrun --nproc_per_node=2 train.py --epochs ... --no-amp`` at a tiny size: two
+    CPU processes (gloo) share the 8 images (2 steps of 2 per process and epoch), rank 0 writes
+    the one checkpoint holding both ranks' random state, and the same command with one epoch
+    more resumes it."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    path = str(tmp_path / "runs" / "ddp.pt")
+
+    def train(epochs):
+        command = [torchrun, "--nproc_per_node=2", f"--master_port={_free_port()}", TRAIN_PY,
+                   "--epochs", str(epochs), "--no-amp", "--num-images", "8", "--image-size", "64",
+                   "--batch-size", "2", "--checkpoint", path]
+        run = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path,
+                             timeout=hang_limit_s)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return run
+
+    first = train(1)
+    assert first.stdout.count(f"Checkpoint: {path}") == 1, first.stdout  # rank 0 alone says it
+    assert "2 steps in all" in first.stdout
+    assert os.listdir(tmp_path / "runs") == ["ddp.pt"]
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["step"] == 2 and len(checkpoint["rng"]) == 2
+    second = train(2)
+    assert "Resuming from" in second.stderr and "4 steps in all" in second.stdout
+    assert torch.load(path, weights_only=True)["step"] == 4
+    assert os.listdir(tmp_path / "runs") == ["ddp.pt"]
 
 
 # ── it learns ────────────────────────────────────────────────────────────────────────────────
