@@ -799,7 +799,8 @@ def check_average_precision(yours) -> bool:
     pair = torch.tensor([[0.0, 0, 10, 10], [0, 1, 10, 10]])  # two objects, IoU 0.9
     cases = [(gt.clone(), torch.tensor([0.9, 0.8]), gt, 0.5),
              (torch.cat((gt, gt[:1] + 0.5)), torch.tensor([0.9, 0.8, 0.95]), gt, 0.5),
-             (pair[:1].repeat(2, 1), torch.tensor([0.9, 0.8]), pair, 0.5)]  # 2nd takes the free one
+             (pair[:1].repeat(2, 1), torch.tensor([0.9, 0.8]), pair, 0.5),  # 2nd takes the free one
+             (gt[:1, :] * torch.tensor([1.0, 1, 1, 0.5]), torch.tensor([0.9]), gt[:1], 0.5)]  # IoU = t
     for t in (0.5, 0.75):
         truth = random_boxes(4, 80, g)
         guesses = torch.cat((truth + torch.randn(4, 4, generator=g) * 2, random_boxes(4, 80, g)))

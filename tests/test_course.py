@@ -199,6 +199,11 @@ def ap_counting_duplicates(boxes, scores, gt_boxes, iou_threshold):
     return engine.average_precision(hits, scores, len(gt_boxes))
 
 
+def ap_strictly_above_the_threshold(boxes, scores, gt_boxes, iou_threshold):
+    """Matches need IoU > t: a detection overlapping its object by exactly t is a false positive."""
+    return ap_by_hand(boxes, scores, gt_boxes, iou_threshold + 1e-6)
+
+
 @pytest.mark.parametrize("checker, right, wrong", [
     (course.check_box_iou, iou_by_loops, iou_with_plus_one),
     (course.check_nms, nms_by_score, nms_in_index_order),
@@ -211,10 +216,11 @@ def ap_counting_duplicates(boxes, scores, gt_boxes, iou_threshold):
     (course.check_level_mapper, level_from_the_fpn_paper, level_without_epsilon),
     (course.check_average_precision, ap_by_hand, ap_counting_duplicates),
     (course.check_average_precision, ap_by_hand, ap_best_or_false_positive),
+    (course.check_average_precision, ap_by_hand, ap_strictly_above_the_threshold),
     (course.check_score_filter, filter_by_loop, filter_strictly_above),
 ], ids=["iou+1", "nms-unsorted", "nms-suppressed-suppress", "nms->=", "nms-ties-reversed",
         "encode-no-weights", "anchors-offset", "level-rounded", "level-no-epsilon",
-        "ap-duplicates", "ap-best-or-fp", "filter->"])
+        "ap-duplicates", "ap-best-or-fp", "ap->t", "filter->"])
 def test_each_checker_accepts_the_right_answer_and_rejects_a_typical_wrong_one(
         checker, right, wrong, capsys):
     assert checker(right) is True
