@@ -217,6 +217,14 @@ def full_mode_settings(**overrides) -> dict:
     return {**config, **overrides}
 
 
+def steps_in_budget(minutes: float, step_s: float) -> int:
+    """Training steps that fit a time budget of ``minutes`` (``FRCNN_MINUTES``) at ``step_s``
+    seconds a step (as notebook 05 measures it), at least one."""
+    if minutes <= 0 or step_s <= 0:
+        raise ValueError(f"minutes={minutes} and step_s={step_s} must both be positive")
+    return max(1, int(minutes * 60 / step_s))
+
+
 def coco_experiment(source=None, *, device=DEVICE, progress: bool = True,
                     checkpoint_path: Optional[str] = "checkpoints/coco_resnet50_fpn.pt",
                     resume: bool = True, **overrides) -> dict:

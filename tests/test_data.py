@@ -513,8 +513,8 @@ def test_the_installed_module_imports_from_any_folder(tmp_path, hang_limit_s):
     assert len(names) == 5, names
     # -S: not the .venv's own site set-up, whose editable install may be another checkout's;
     # this test's install first, then the .venv's packages (torch, ...) as plain folders
-    code = (f"import site, sys; site.addsitedir({target!r}); sys.path += {site.getsitepackages()!r}; "
-            f"assert not any(p.startswith({root!r}) for p in sys.path), sys.path; "
+    code = (f"import os, site, sys; site.addsitedir({target!r}); sys.path += {site.getsitepackages()!r}; "
+            f"assert {root!r} not in [os.path.abspath(p) for p in sys.path], sys.path; "
             f"import {', '.join(names)}; print({', '.join(n + '.__file__' for n in names)})")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     run = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,

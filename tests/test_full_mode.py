@@ -225,3 +225,12 @@ def test_a_time_budget_is_a_knob_unset_by_default(monkeypatch):
     monkeypatch.setenv("FRCNN_MINUTES", "soon")
     with pytest.raises(ValueError, match="FRCNN_MINUTES='soon'.*the default is not set"):
         course.full_mode_settings()
+
+
+def test_a_time_budget_becomes_the_steps_that_fit_it():
+    assert course.steps_in_budget(10, 2.0) == 300  # 600 s at 2 s a step
+    assert course.steps_in_budget(1, 0.7) == 85    # 60 / 0.7 = 85.7: only whole steps that fit
+    assert course.steps_in_budget(0.01, 30.0) == 1  # a budget under one step still trains one
+    for minutes, step_s in ((0, 1.0), (5, 0.0), (-1, 2.0)):
+        with pytest.raises(ValueError, match="must both be positive"):
+            course.steps_in_budget(minutes, step_s)
