@@ -133,10 +133,9 @@ def peak_memory() -> None:
     report("train_step_rss_growth_ckpt_on_over_off", growth["on"] / growth["off"])
 
 
-def synthetic_step_by_ops(repeats: int) -> None:
-    """Seconds per training step of ``tiny_detector`` on one batch of the recipe: torchvision's
-    ops, the pure ops, and the pure ops on 2 threads, steps alternating between the three (same
-    model, same batch)."""
+def recipe_step():
+    """One batch of the shapes recipe and a fresh ``tiny_detector`` with its optimiser: a function
+    ``step(backend, threads)`` that trains one step on that batch."""
     recipe = course.SHAPES_RECIPE
     data = fc.SyntheticShapesDataset(recipe["batch_size"], recipe["image_size"], seed=0, train=True,
                                      object_size=recipe["object_size"])
@@ -148,6 +147,16 @@ def synthetic_step_by_ops(repeats: int) -> None:
     def step(backend, threads=None):
         with fc.ops_backend(backend), fc.cpu_threads(threads):
             engine.train_step(model, images, targets, optimizer)
+
+    return step
+
+
+def synthetic_step_by_ops(repeats: int) -> None:
+    """Seconds per training step of ``tiny_detector`` on one batch of the recipe: torchvision's
+    ops, the pure ops, and the pure ops on 2 threads, steps alternating between the three (same
+    model, same batch)."""
+    recipe = course.SHAPES_RECIPE
+    step = recipe_step()
 
     tv, pure, pure_2 = side_by_side([lambda: step("torchvision"), lambda: step("pure"),
                                      lambda: step("pure", 2)], repeats * 4)
@@ -168,17 +177,10 @@ def busy_machine(repeats: int) -> None:
     """Training steps of ``tiny_detector`` (the recipe's batch) on a quiet machine and while one
     other CPU-bound process runs (this script starts it, and stops it after): 2 threads, and the
     threads ``course.training_threads`` picks, each measured in both states."""
-    recipe = course.SHAPES_RECIPE
-    data = fc.SyntheticShapesDataset(recipe["batch_size"], recipe["image_size"], seed=0, train=True,
-                                     object_size=recipe["object_size"])
-    images, targets = next(iter(engine.make_loader(data, recipe["batch_size"], shuffle=False)))
-    torch.manual_seed(0)
-    model = fc.tiny_detector(data.num_classes).train()
-    optimizer = engine.make_optimizer(model, lr=0.01)
+    step = recipe_step()
 
     def steps(threads):
-        with fc.ops_backend("pure"), fc.cpu_threads(threads):
-            engine.train_step(model, images, targets, optimizer)
+        step("pure", threads)
 
     def measure():
         chosen = course.training_threads.__wrapped__()  # the rule, asked afresh
