@@ -30,13 +30,22 @@ def twin_stages(twin, batch, image_sizes):
     return features, proposals, detections
 
 
-def assert_same_detections(ours, theirs):
+def assert_same_detections(ours, theirs, box_tol=1e-3, score_tol=1e-5):
+    """The same detections of each image: the same sorted scores, and each of ours has one of
+    theirs with the same label, score and box. Matched by value, not by position: scores that
+    agree to their last bits come in an order that another processor's kernels change (seen
+    under torch's plain build, ``make test-portable``); detections tied with the last one kept
+    may differ in which of them the top 100 keeps."""
     assert len(ours) == len(theirs)
     for a, b in zip(ours, theirs):
         assert a["boxes"].shape[0] > 0, "the comparison needs detections to compare"
-        torch.testing.assert_close(a["boxes"], b["boxes"], atol=1e-4, rtol=1e-5)
-        torch.testing.assert_close(a["scores"], b["scores"], atol=1e-5, rtol=1e-5)
-        assert torch.equal(a["labels"], b["labels"])
+        torch.testing.assert_close(a["scores"], b["scores"], atol=score_tol, rtol=0)
+        cut = float(b["scores"].min()) + score_tol
+        for box, score, label in zip(a["boxes"], a["scores"], a["labels"]):
+            same = ((b["boxes"] - box).abs().amax(1) < box_tol) & (b["labels"] == label) \
+                & ((b["scores"] - score).abs() <= score_tol)
+            assert same.any() or score <= cut, f"no detection of theirs like {box.tolist()}, " \
+                f"score {float(score)}, label {int(label)}"
 
 
 # ─── equal to torchvision, stage by stage ──────────────────────────────────────────────────────
