@@ -373,9 +373,9 @@ def _report_short_epoch(state: TrainState, planned: int) -> None:
     rank, world_size = rank_and_world_size()
     who = f"process {rank} of {world_size}: " if world_size > 1 else ""
     say(f"{who}epoch {state.epoch} ended after {state.batch_in_epoch} of its {planned} steps: the "
-         "data ran out (a stream is split between the processes and the DataLoader workers, each "
-         f"reading its share). Pass steps_per_epoch={state.batch_in_epoch} or fewer (train.py: "
-         "--steps-per-epoch), or give the loader more data.")
+        "data ran out (a stream is split between the processes and the DataLoader workers, each "
+        f"reading its share). Pass steps_per_epoch={state.batch_in_epoch} or fewer (train.py: "
+        "--steps-per-epoch), or give the loader more data.")
 
 
 def train_step(model: nn.Module, images, targets, optimizer: torch.optim.Optimizer,
@@ -714,8 +714,8 @@ def _relayout(state: TrainState, steps_per_epoch: int, path: str, verbose: bool)
         state.epoch_rng = None  # that epoch's first batches are not known: a fresh order
     if verbose:
         say(f"{path} was saved by a run of {old} steps per epoch and this run has "
-             f"{steps_per_epoch}: its {state.step} steps count as epoch {state.epoch}, batch "
-             f"{state.batch_in_epoch}.")
+            f"{steps_per_epoch}: its {state.step} steps count as epoch {state.epoch}, batch "
+            f"{state.batch_in_epoch}.")
 
 
 def _resume(path: str, model, optimizer, scheduler, scaler, epochs: int, steps_per_epoch: int,
@@ -731,14 +731,14 @@ def _resume(path: str, model, optimizer, scheduler, scaler, epochs: int, steps_p
     if state.epoch >= epochs:
         if verbose:
             say(f"Nothing to train: {path} already holds {state.epoch} epochs ({state.step} "
-                 f"steps) and this run asks for {epochs} epochs of {steps_per_epoch} steps. Pass "
-                 "more epochs or steps to continue it, or resume=False (train.py: --no-resume) "
-                 "to start over.")
+                f"steps) and this run asks for {epochs} epochs of {steps_per_epoch} steps. Pass "
+                "more epochs or steps to continue it, or resume=False (train.py: --no-resume) "
+                "to start over.")
         return state
     if verbose:
         say(f"Resuming from {path}: epoch {state.epoch}, step {state.step} (batch "
-             f"{state.batch_in_epoch} of the epoch), continuing to step {total_steps} "
-             f"({epochs} epochs in all).")
+            f"{state.batch_in_epoch} of the epoch), continuing to step {total_steps} "
+            f"({epochs} epochs in all).")
     if planned is not None and planned != total_steps and isinstance(
             scheduler, torch.optim.lr_scheduler.LambdaLR):
         for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs,
@@ -746,8 +746,8 @@ def _resume(path: str, model, optimizer, scheduler, scaler, epochs: int, steps_p
             group["lr"] = base * factor(scheduler.last_epoch)
         if verbose:
             say(f"The run was planned over {planned} steps and now spans {total_steps}: the "
-                 f"learning-rate schedule is re-planned and continues at "
-                 f"{optimizer.param_groups[0]['lr']:.3g}.")
+                f"learning-rate schedule is re-planned and continues at "
+                f"{optimizer.param_groups[0]['lr']:.3g}.")
     return state
 
 

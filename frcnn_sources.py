@@ -654,12 +654,13 @@ def _voc_object(path: str, number: int, obj, size, notes: _Notes):
     return name, corners, int(difficult)
 
 
-def _read_voc_xml(root: str, image_id: str, notes: _Notes) -> dict:
-    """One ``{image_id}.xml``: its image (found in the folders of :func:`_voc_dirs`, or in the
-    ``<folder>`` it names), the size it gives, and its objects (:func:`_voc_object`)."""
+def _read_voc_xml(root: str, image_id: str, xml_dir: str, dirs: List[str], notes: _Notes
+                  ) -> dict:
+    """One ``{image_id}.xml`` in ``xml_dir``: its image (found in ``dirs``, the folders of
+    :func:`_voc_dirs`, or in the ``<folder>`` it names), the size it gives, and its objects
+    (:func:`_voc_object`)."""
     import xml.etree.ElementTree as ET
 
-    xml_dir, dirs = _voc_dirs(root)
     path = os.path.join(xml_dir, f"{image_id}.xml")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist, but the split lists {image_id!r}: "
@@ -693,8 +694,9 @@ def read_voc_folder(root: str, split: Optional[str] = None,
     """
     ids = _voc_ids(root, split)
     notes = _Notes()
-    parsed = [_read_voc_xml(root, i, notes) for i in ids]
-    notes.warn(os.path.join(_voc_dirs(root)[0], "*.xml"))
+    xml_dir, dirs = _voc_dirs(root)
+    parsed = [_read_voc_xml(root, i, xml_dir, dirs, notes) for i in ids]
+    notes.warn(os.path.join(xml_dir, "*.xml"))
     if class_names is None:
         class_names = ["__background__",
                        *sorted({name for p in parsed for name, _, _ in p["objects"]})]
@@ -703,7 +705,7 @@ def read_voc_folder(root: str, split: Optional[str] = None,
     for number, (image_id, p) in enumerate(zip(ids, parsed)):
         for name, _, _ in p["objects"]:
             if name not in class_names[1:]:
-                raise ValueError(f"{os.path.join(_voc_dirs(root)[0], image_id + '.xml')}: "
+                raise ValueError(f"{os.path.join(xml_dir, image_id + '.xml')}: "
                                  f"object name {name!r} is not among class_names "
                                  f"{class_names[1:]}: add it, or leave class_names=None")
         boxes = np.array([b for _, b, _ in p["objects"]], dtype=np.float64).reshape(-1, 4)

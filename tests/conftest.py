@@ -197,25 +197,17 @@ def one_thread():
 
 
 @pytest.fixture
-def simulated_coco(tmp_path, resnet50_state):
+def simulated_coco(tmp_path, stand_in_torch_home):
     """Full mode's world without a network: a COCO folder in the official layout (``train`` and
     ``val`` of the scenes above) and a torch hub cache (``torch_home``, for ``TORCH_HOME``) holding
-    random ResNet-50 weights under the file name torchvision caches its ImageNet weights by, so
-    they load without a download. Add other stand-ins to ``checkpoints``."""
+    random weights under the file names torchvision caches its ImageNet and COCO weights by
+    (:func:`stand_in_torch_home`), so they load without a download."""
     from types import SimpleNamespace
 
-    import torch
-    import torchvision
-
-    torch_home = tmp_path / "torch"
-    checkpoints = torch_home / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    url = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
-    torch.save(resnet50_state, checkpoints / os.path.basename(url))
     coco = str(tmp_path / "coco")
     write_coco_layout(coco, split="train")
     write_coco_layout(coco, split="val")
-    return SimpleNamespace(torch_home=str(torch_home), checkpoints=str(checkpoints), coco=coco)
+    return SimpleNamespace(torch_home=stand_in_torch_home, coco=coco)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-import torchvision
 
 import frcnn_common as fc
 import frcnn_engine as engine
@@ -158,10 +157,6 @@ def test_every_notebook_runs_in_full_mode_on_a_simulated_coco(tmp_path, simulate
     import subprocess
     import sys
 
-    detection = torchvision.models.detection
-    torch.save(detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict(),
-               os.path.join(simulated_coco.checkpoints,
-                            os.path.basename(detection.FasterRCNN_ResNet50_FPN_Weights.COCO_V1.url)))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     books = tmp_path / "course" / "notebooks"
     shutil.copytree(os.path.join(root, "notebooks"), books,
