@@ -25,12 +25,14 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -c "import torch, torchvision, datasets, pycocotools, nbval, matplotlib, tqdm, frcnn_common, frcnn_engine, frcnn_course"
 	touch $@
 
-## unit tests, then every notebook executed by nbval in fast mode (CPU, offline; times in README)
-test: unit notebooks
+## unit tests and every notebook (nbval, fast mode, CPU, offline) side by side, a core each (times in README)
+test: setup
+	@$(PY) tools/run_lanes.py "unit=$(MAKE) --no-print-directory unit" \
+	    "notebooks=$(MAKE) --no-print-directory notebooks"
 
 ## the unit tests only (tests/)
 unit: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=10 tests
 
 ## every notebook executed by nbval in fast mode, training progress shown as it runs (TIMEOUT=s per cell)
 notebooks: setup
@@ -57,6 +59,7 @@ bench: setup
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_research.py
 	$(PY) benchmarks/bench_recipe.py
+	$(PY) benchmarks/bench_course.py
 
 ## GPU figures: training memory and speed, inference, NMS, full-mode notebooks (8 min; copy in out/bench_gpu.txt); ARGS=--dry-run: tiny sizes on the CPU (~1 min)
 bench-gpu: setup

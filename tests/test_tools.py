@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import nbformat
+import pytest
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,3 +101,41 @@ def test_with_progress_relays_the_lines_of_a_command(tmp_path, hang_limit_s):
             go.touch()
     assert relay.wait() == 3, "".join(shown)  # 4: the line never came while the child waited
     assert "    epoch 0: 3/9 [00:01<00:02, total=1.0]\n" in shown
+
+
+AFFINITY = "import os; print(sorted(os.sched_getaffinity(0)))"
+
+
+def test_lanes_run_side_by_side_on_their_own_cores_and_a_failure_is_named(hang_limit_s):
+    """`make test`'s runner: each lane's lines carry its name; with two cores or more the lanes
+    run at once, on disjoint cores (each prints the cores it may use); any failing lane makes the
+    exit status 1 and the summary names it."""
+    lanes = [f"one={sys.executable} -c '{AFFINITY}'", f"two={sys.executable} -c '{AFFINITY}'; exit 5"]
+    done = run_tool([os.path.join(TOOLS, "run_lanes.py"), *lanes], hang_limit_s)
+    assert done.returncode == 1, done.stdout + done.stderr
+    cores = {name: eval(line.split("| ", 1)[1])
+             for line in done.stdout.splitlines() if " | " in line for name in [line.split()[0]]}
+    assert set(cores) == {"one", "two"}
+    summary = done.stdout.splitlines()[-1]
+    assert "one passed" in summary and "two FAILED (exit 5)" in summary
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert not set(cores["one"]) & set(cores["two"]), cores  # no core shared
+        assert set(cores["one"]) | set(cores["two"]) == os.sched_getaffinity(0)
+    else:
+        assert "one after another" in done.stdout
+
+
+def test_lanes_split_the_cores_evenly_and_fall_back_to_one_after_another(monkeypatch):
+    sys.path.insert(0, TOOLS)
+    try:
+        import run_lanes
+    finally:
+        sys.path.remove(TOOLS)
+    for cores, lanes, expected in (({0, 1}, 2, [{0}, {1}]), ({0, 1, 2, 3, 4}, 2, [{0, 1}, {2, 3, 4}]),
+                                   ({3}, 2, None), ({0, 1, 2}, 3, [{0}, {1}, {2}])):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: cores)
+        assert run_lanes.split_cores(lanes) == expected, (cores, lanes)
+    assert run_lanes.parse_lane("unit = make unit") == ("unit", "make unit")
+    for wrong in ("make unit", "=make unit", "unit="):
+        with pytest.raises(Exception, match="NAME=COMMAND"):
+            run_lanes.parse_lane(wrong)
