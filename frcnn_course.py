@@ -936,3 +936,54 @@ def draw_detector_overview(image: Tensor, batch: Tensor, infer: Dict[str, object
     _overview_arrow(ax, (xs[2] + 1.2, low - 0.05), (xs[2] + 1.2, 1.2), "train")
     ax.text(xs[2] + 1.2, top - 0.35, "P2..P5 also feed RoIAlign", ha="center", fontsize=8, style="italic")
     return fig
+
+
+# The FPN diagram of notebook 02 ────────────────────────────────────────────────────────────────
+
+
+def draw_fpn_diagram(levels: int = 4):
+    """Draw notebook 02's diagram of the feature pyramid network, bottom (fine) to top (coarse).
+
+    For each level k = 2 .. levels + 1: the ResNet stage C_k (blue, 256 * 2^(k-2) channels, stride
+    2^k), its 1x1 lateral into the top-down sum M_k (orange; the coarser sum, upsampled x2, is added,
+    red arrows), and the 3x3 convolution to P_k (green, 256 channels, same stride); above the top
+    level, the extra level max-pooled from it (P6 for the default 4 levels). Returns the figure:
+    3 * levels + 1 boxes, 2 * levels + (levels - 1) + 1 arrows (``FancyArrowPatch``).
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyArrowPatch, Rectangle
+
+    fig, ax = plt.subplots(figsize=(9.5, 4.8))
+
+    def arrow(start, end, text=None, at=None, colour="black"):
+        ax.add_patch(FancyArrowPatch(start, end, arrowstyle="->", mutation_scale=12, color=colour))
+        if text:
+            ax.text(*at, text, fontsize=7, ha="center", color=colour)
+
+    def box(x, y, width, height, colour, text, alpha=0.35):
+        ax.add_patch(Rectangle((x, y), width, height, fc=colour, alpha=alpha))
+        ax.text(x + width / 2, y + height / 2, text, ha="center", va="center", fontsize=8)
+
+    for i in range(levels):  # C_k (left), the sums M_k (middle), P_k (right)
+        y, w, k, stride = 1.2 * i, 1.6 - 0.3 * i, i + 2, 4 * 2 ** i
+        box(0, y, w, 0.8, "tab:blue", f"C{k}\n{256 * 2 ** i} ch, /{stride}")
+        summed = f"L{k}(C{k})" + (" + up" if i < levels - 1 else "")
+        box(3, y, 1.3, 0.8, "tab:orange", f"M{k}\n{summed}")
+        box(5.6, y, w, 0.8, "tab:green", f"P{k}\n256 ch, /{stride}")
+        arrow((w + 0.05, y + 0.4), (2.95, y + 0.4), f"1x1 lateral L{k}", ((w + 3) / 2, y + 0.47))
+        arrow((4.35, y + 0.4), (5.55, y + 0.4), "3x3", (4.95, y + 0.47))
+        if i < levels - 1:  # the coarser sum comes down, upsampled, before its own 3x3
+            arrow((3.65, y + 1.2), (3.65, y + 0.8), colour="tab:red")
+            ax.text(3.72, y + 0.93, "up x2", color="tab:red", fontsize=7)
+    top, k = 1.2 * levels, levels + 2
+    box(5.6, top, 0.6, 0.6, "tab:green", f"P{k} /{4 * 2 ** levels}", alpha=0.2)
+    arrow((5.9, top - 0.4), (5.9, top))
+    ax.text(6.05, top - 0.3, f"max-pool (1x1, stride 2) of P{k - 1}", fontsize=7)
+    for x, name, colour in ((0.8, "ResNet-50 stages", "tab:blue"),
+                            (3.65, "top-down sums", "tab:orange"),
+                            (6.4, "pyramid levels", "tab:green")):
+        ax.text(x, -0.35, name, ha="center", fontsize=8, color=colour)
+    ax.set(xlim=(-0.2, 8.4), ylim=(-0.5, top + 0.8),
+           title="FPN: laterals and top-down sums M_k, then a 3x3 convolution to each P_k")
+    ax.axis("off")
+    return fig

@@ -380,3 +380,27 @@ def test_draw_detector_overview_writes_the_recorded_shapes_and_names_a_missing_s
     with pytest.raises(KeyError, match="pooled"):
         course.draw_detector_overview(torch.zeros(3, 150, 190), torch.zeros(1, 3, 160, 192), infer, train,
                                   losses, 1234, 2, torch.zeros(9, 4))
+
+
+def test_draw_fpn_diagram_draws_every_level_its_lateral_sum_and_output_and_the_pooled_top():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyArrowPatch, Rectangle
+
+    for levels in (4, 3):
+        ax = course.draw_fpn_diagram(levels).axes[0]
+        boxes = [p for p in ax.patches if isinstance(p, Rectangle)]
+        arrows = [p for p in ax.patches if isinstance(p, FancyArrowPatch)]
+        assert len(boxes) == 3 * levels + 1  # C_k, M_k, P_k per level, and the pooled level
+        assert len(arrows) == 2 * levels + (levels - 1) + 1  # lateral, 3x3; top-down; max-pool
+        texts = [t.get_text() for t in ax.texts]
+        top = levels + 1
+        for k in range(2, top + 1):
+            assert f"1x1 lateral L{k}" in texts
+            assert f"P{k}\n256 ch, /{2 ** k}" in texts
+            assert f"C{k}\n{256 * 2 ** (k - 2)} ch, /{2 ** k}" in texts
+        assert f"M{top}\nL{top}(C{top})" in texts and f"M2\nL2(C2) + up" in texts
+        assert texts.count("up x2") == levels - 1 and texts.count("3x3") == levels
+        assert f"P{top + 1} /{2 ** (top + 1)}" in texts
+        plt.close(ax.figure)
