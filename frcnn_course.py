@@ -308,34 +308,74 @@ def _copy_of_a_weight(t: Tensor) -> bool:
     return False
 
 
-def saved_activation_bytes(model: nn.Module, *inputs, amp: bool = False) -> Dict[str, int]:
-    """Bytes of the tensors autograd saves for backward during one forward ``model(*inputs)``
-    (a detector in training mode: ``(images, targets)``), each storage counted once, by dtype
-    name (``{"float32": ..., "bfloat16": ...}``).
+def saved_tensors_by_module(model: nn.Module, *inputs, amp: bool = False) -> List[dict]:
+    """The tensors autograd saves for backward during one forward ``model(*inputs)`` (a detector
+    in training mode: ``(images, targets)``), one dict per storage, in the order first saved:
+    ``module`` (dotted name of the innermost submodule running when it was first saved, ``""``
+    for the model's own code), ``dtype`` (name, e.g. ``"float32"``), ``shape`` (the saved
+    tensor's) and ``bytes`` (the storage's).
 
-    ``torch.autograd.graph.saved_tensors_hooks`` sees every saved tensor. Left out: the
-    parameters and buffers themselves and their copies through casts and views (autocast's
-    16-bit weights, a transposed weight), recognised by storage and by autograd chain, never by
-    shape (an activation may have a weight's shape: the ROI head's ``[1024, 12544]`` features of
-    two images, 512 sampled boxes each, have fc6's). ``amp``: autocast to float16 on CUDA,
-    bfloat16 on a CPU."""
+    ``torch.autograd.graph.saved_tensors_hooks`` sees every saved tensor; forward hooks on every
+    submodule say which one is running. Left out: the parameters and buffers themselves and
+    their copies through casts and views (autocast's 16-bit weights, a transposed weight),
+    recognised by storage and by autograd chain, never by shape (an activation may have a
+    weight's shape: the ROI head's ``[1024, 12544]`` features of two images, 512 sampled boxes
+    each, have fc6's). ``amp``: autocast to float16 on CUDA, bfloat16 on a CPU."""
     weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    storages: Dict[int, Tuple[int, str]] = {}
+    storages: Dict[int, dict] = {}
+    running: List[str] = [""]
 
     def keep(t: Tensor) -> Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in weights and not _copy_of_a_weight(t):
-            storages[storage.data_ptr()] = (storage.nbytes(), str(t.dtype).replace("torch.", ""))
+        ptr = storage.data_ptr()
+        if ptr not in weights and ptr not in storages and not _copy_of_a_weight(t):
+            storages[ptr] = {"module": running[-1], "dtype": str(t.dtype).replace("torch.", ""),
+                             "shape": tuple(t.shape), "bytes": storage.nbytes()}
         return t
 
+    def enter(name: str):
+        return lambda module, args: running.append(name)  # None: the inputs stay as they are
+
+    def leave(module, args, output) -> None:
+        running.pop()
+
+    hooks = []
+    for name, module in model.named_modules():
+        if name:
+            hooks += [module.register_forward_pre_hook(enter(name)),
+                      module.register_forward_hook(leave)]
     device = next(model.parameters()).device
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        with torch.autocast(device.type, dtype=amp_dtype(device, True), enabled=amp):
-            model(*inputs)
-    by_dtype: Dict[str, int] = {}
-    for nbytes, name in storages.values():
-        by_dtype[name] = by_dtype.get(name, 0) + nbytes
-    return by_dtype
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            with torch.autocast(device.type, dtype=amp_dtype(device, True), enabled=amp):
+                model(*inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return list(storages.values())
+
+
+def saved_activation_bytes(model: nn.Module, *inputs, amp: bool = False) -> Dict[str, int]:
+    """Bytes of the tensors autograd saves for backward during one forward ``model(*inputs)``,
+    each storage counted once, by dtype name (``{"float32": ..., "bfloat16": ...}``); what is
+    counted and what is left out (weights and their copies) is :func:`saved_tensors_by_module`'s.
+    ``amp``: autocast to float16 on CUDA, bfloat16 on a CPU."""
+    return saved_bytes_by(saved_tensors_by_module(model, *inputs, amp=amp), "dtype")
+
+
+def saved_bytes_by(saved: List[dict], key: str = "module", depth: int = 1,
+                   dtype: Optional[str] = None) -> Dict[str, int]:
+    """Sums the ``bytes`` of :func:`saved_tensors_by_module`'s records by ``key``: ``"dtype"``,
+    or ``"module"``, cut to its first ``depth`` dotted parts (depth 1: ``backbone``, ``fpn``,
+    ``rpn``, ``roi_heads``; ``""`` is the model's own code). ``dtype``: keep only records of
+    that dtype. Returns ``{name: bytes}``, largest first."""
+    totals: Dict[str, int] = {}
+    for record in saved:
+        if dtype is None or record["dtype"] == dtype:
+            name = record["dtype"] if key == "dtype" else ".".join(
+                record["module"].split(".")[:depth])
+            totals[name] = totals.get(name, 0) + record["bytes"]
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
 def resident_memory_mb(field: str = "VmRSS") -> float:
@@ -375,14 +415,17 @@ def training_step_memory(*, image_size: int = 96, batch: int = 1, amp: bool = Fa
     ``image_size`` px with two boxes each.
 
     First the activations one training forward saves for backward
-    (:func:`saved_activation_bytes`), then ``steps`` steps of :func:`train_step` (SGD; AMP:
+    (:func:`saved_tensors_by_module`), then ``steps`` steps of :func:`train_step` (SGD; AMP:
     float16 with a gradient scaler on CUDA, bfloat16 on a CPU): their peak memory above what was
     in use before them (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process's resident
     high-water mark ``VmHWM``, Linux) and the seconds of the last step. ``stand_in_weights``:
     random ImageNet-shaped backbone weights as a state dict (``trainable_layers`` needs weights).
-    Run each configuration in its own process (:func:`measure_in_fresh_process`): a process's
-    peak includes whatever ran before. Returns ``saved_mb``, ``saved_by_dtype_mb``, ``peak_mb``
-    and ``step_s`` (MiB, seconds; ``None`` when ``steps`` is 0)."""
+    To measure a peak, run each configuration in its own process
+    (:func:`measure_in_fresh_process`): a process's peak includes whatever ran before; with
+    ``steps=0`` (saved tensors only) any process will do. Returns, in MiB and seconds:
+    ``saved_mb``; its split ``saved_by_dtype_mb``, ``saved_by_module_mb`` (by top-level module)
+    and ``float32_by_module_mb`` (the float32 part by innermost module), each largest first;
+    ``peak_mb`` and ``step_s`` (``None`` when ``steps`` is 0)."""
     device = torch.device(device)
     if threads:
         torch.set_num_threads(threads)
@@ -395,16 +438,19 @@ def training_step_memory(*, image_size: int = 96, batch: int = 1, amp: bool = Fa
     boxes = torch.tensor([[0.1, 0.15, 0.45, 0.5], [0.4, 0.2, 0.95, 0.8]], device=device) * image_size
     targets = [{"boxes": boxes, "labels": torch.tensor([1, 2], device=device)}] * batch
     torch.manual_seed(1)  # the same sampled anchors and ROIs in every configuration
-    saved = saved_activation_bytes(model, list(images), targets, amp=amp)
+    saved = saved_tensors_by_module(model, list(images), targets, amp=amp)
     scaler = amp_scaler(device, amp)
-    base, seconds = _reset_peak(device), None
+    base, seconds = (_reset_peak(device) if steps else 0.0), None
     for _ in range(steps):
         start = time.perf_counter()
         train_step(model, list(images), targets, optimizer, scaler=scaler,
                    amp_dtype=amp_dtype(device, amp))  # its loss read is the step's device sync
         seconds = time.perf_counter() - start
-    return {"saved_mb": sum(saved.values()) / 2**20,
-            "saved_by_dtype_mb": {k: v / 2**20 for k, v in saved.items()},
+    mib = lambda totals: {k: v / 2**20 for k, v in totals.items()}  # noqa: E731
+    return {"saved_mb": sum(record["bytes"] for record in saved) / 2**20,
+            "saved_by_dtype_mb": mib(saved_bytes_by(saved, "dtype")),
+            "saved_by_module_mb": mib(saved_bytes_by(saved, depth=1)),
+            "float32_by_module_mb": mib(saved_bytes_by(saved, depth=99, dtype="float32")),
             "peak_mb": _peak_mb(device) - base if steps else None, "step_s": seconds}
 
 

@@ -205,6 +205,30 @@ def test_saved_activations_count_an_input_shaped_like_a_weight_and_leave_out_wei
     assert course.saved_activation_bytes(layer, x, amp=True) == {"bfloat16": x.numel() * 2}
 
 
+def test_saved_tensors_are_put_under_the_module_that_kept_them_first():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = torch.randn(5, 8)
+    saved = course.saved_tensors_by_module(model, x)
+    # the first layer keeps its input; the ReLU keeps its output, which the last layer reads
+    # (the same storage, counted once, under the ReLU); no weight is counted
+    assert [(r["module"], r["dtype"], r["shape"], r["bytes"]) for r in saved] == [
+        ("0", "float32", (5, 8), 5 * 8 * 4), ("1", "float32", (5, 16), 5 * 16 * 4)]
+    assert course.saved_bytes_by(saved) == {"1": 5 * 16 * 4, "0": 5 * 8 * 4}  # largest first
+    assert course.saved_bytes_by(saved, "dtype") == {"float32": 5 * 24 * 4}
+    assert course.saved_bytes_by(saved, dtype="bfloat16") == {}
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert torch.equal(model(x), model[2](model[1](model[0](x))))  # the hooks changed nothing
+
+
+def test_saved_tensors_of_a_detector_add_up_by_module_and_by_dtype():
+    row = course.training_step_memory(image_size=64, batch=1, steps=0, threads=1)
+    assert set(row["saved_by_module_mb"]) <= {"", "backbone", "fpn", "rpn", "roi_heads"}
+    for split in ("saved_by_module_mb", "saved_by_dtype_mb"):
+        assert abs(sum(row[split].values()) - row["saved_mb"]) < 1e-6
+    assert row["peak_mb"] is None and row["step_s"] is None
+    assert next(iter(row["float32_by_module_mb"])).startswith("roi_heads.")  # fc6's input
+
+
 def test_training_step_memory_measures_a_step_in_a_fresh_process():
     row = course.measure_in_fresh_process(image_size=64, batch=1, steps=1, threads=1)
     assert row["saved_mb"] > 1 and row["peak_mb"] > 0 and row["step_s"] > 0
