@@ -404,3 +404,28 @@ def test_draw_fpn_diagram_draws_every_level_its_lateral_sum_and_output_and_the_p
         assert texts.count("up x2") == levels - 1 and texts.count("3x3") == levels
         assert f"P{top + 1} /{2 ** (top + 1)}" in texts
         plt.close(ax.figure)
+
+
+# ─── the notebooks' code cells ──────────────────────────────────────────────────────────────
+
+
+def test_every_code_cell_fits_a_screen_25_lines_of_at_most_100_characters():
+    """What a learner reads at once: no code cell over 25 lines, no line over 100 characters
+    (longer code belongs in a module function the cell calls)."""
+    import glob
+    import json
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
+    too_long = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.ipynb"))):
+        cells = json.load(open(path))["cells"]
+        for index, cell in enumerate(cells):
+            if cell["cell_type"] != "code":
+                continue
+            lines = "".join(cell["source"]).rstrip("\n").split("\n")
+            wide = [n + 1 for n, line in enumerate(lines) if len(line) > 100]
+            if len(lines) > 25 or wide:
+                too_long.append(f"{os.path.basename(path)} cell {index}: {len(lines)} lines"
+                                + (f", lines {wide} over 100 characters" if wide else ""))
+    assert len(glob.glob(os.path.join(folder, "*.ipynb"))) == 6
+    assert not too_long, "\n".join(too_long)
