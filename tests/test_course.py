@@ -380,3 +380,26 @@ def test_draw_detector_overview_writes_the_recorded_shapes_and_names_a_missing_s
     with pytest.raises(KeyError, match="pooled"):
         course.draw_detector_overview(torch.zeros(3, 150, 190), torch.zeros(1, 3, 160, 192), infer, train,
                                   losses, 1234, 2, torch.zeros(9, 4))
+
+
+def test_roi_pool_bins_are_the_cells_torchvision_roi_pool_takes_the_maximum_over():
+    import torchvision
+
+    g = torch.Generator().manual_seed(0)
+    fmap = torch.randn(1, 1, 12, 12, generator=g)
+    corners = torch.rand(20, 2, generator=g) * 6
+    boxes = [[1.3, 0.8, 5.4, 5.9], [2.5, 0.5, 9.5, 3.5], [0.0, 0.0, 11.0, 11.0], [4, 4, 4.2, 4.1]]
+    boxes += torch.cat([corners, corners + torch.rand(20, 2, generator=g) * 5], 1).tolist()
+    for box in boxes:
+        for n in (2, 3, 7):
+            columns, rows = course.roi_pool_bins(torch.tensor(box), n)
+            ours = torch.tensor([[float(fmap[0, 0, r0:r1, c0:c1].max()) for c0, c1 in columns]
+                                 for r0, r1 in rows])
+            theirs = torchvision.ops.roi_pool(fmap, torch.tensor([[0.0, *box]]), (n, n), 1.0)
+            assert torch.equal(ours, theirs[0, 0]), (box, n)
+    # the notebook's box: 5 cells wide once rounded, so three bins of 2, 3, 2 cells that overlap
+    assert course.roi_pool_bins(torch.tensor([1.3, 0.8, 5.4, 5.9]), 3) == (
+        [(1, 3), (2, 5), (4, 6)], [(1, 3), (3, 5), (5, 7)])
+    # a stride: the box in pixels, divided by 16, rounded half away from zero (2.5 -> 3)
+    assert course.roi_pool_bins(torch.tensor([40.0, 8.0, 72.0, 40.0]), 1, 1 / 16) == (
+        [(3, 6)], [(1, 4)])
