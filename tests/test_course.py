@@ -403,3 +403,27 @@ def test_roi_pool_bins_are_the_cells_torchvision_roi_pool_takes_the_maximum_over
     # a stride: the box in pixels, divided by 16, rounded half away from zero (2.5 -> 3)
     assert course.roi_pool_bins(torch.tensor([40.0, 8.0, 72.0, 40.0]), 1, 1 / 16) == (
         [(3, 6)], [(1, 4)])
+
+
+def test_the_roi_pool_picture_draws_the_cells_torchvision_roi_pool_reads():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torchvision
+
+    box = torch.tensor([1.3, 0.8, 5.4, 5.9])
+    fig = course.draw_roi_pool_vs_align(box, output_size=3, sampling_ratio=2)
+    pool, align = fig.axes
+    drawn = [p for p in pool.patches if not p.get_fill() and p.get_linestyle() == "solid"]
+    assert len(drawn) == 9
+    fmap = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    maxima = []
+    for p in drawn:  # each bin is drawn inset by at most 0.11 cell inside its cells' borders
+        x0, y0 = p.get_x() + 0.5, p.get_y() + 0.5
+        c0, r0 = round(x0), round(y0)
+        c1, r1 = round(x0 + p.get_width()), round(y0 + p.get_height())
+        maxima.append(float(fmap[0, 0, r0:r1, c0:c1].max()))
+    theirs = torchvision.ops.roi_pool(fmap, torch.cat([torch.zeros(1), box])[None], (3, 3), 1.0)
+    assert maxima == theirs.flatten().tolist()  # bins drawn row by row, as roi_pool lays them out
+    assert len(align.lines) > 0 and len(align.patches) == 1 + 9  # the exact box and 9 equal bins
+    plt.close(fig)
