@@ -609,6 +609,98 @@ def show_predictions(image: Tensor, target: Dict[str, Tensor], prediction: Dict[
     return fig
 
 
+def roi_pool_bins(box: Tensor, output_size: int, spatial_scale: float = 1.0
+                  ) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int]]]:
+    """The feature cells RoIPool takes the maximum over, per bin, by the rule of torchvision's
+    ``roi_pool`` kernel (``torchvision/csrc/ops/cpu/roi_pool_kernel.cpp``).
+
+    ``box`` [4] is (x1, y1, x2, y2) in pixels. Its corners are scaled and rounded to cells (half
+    away from zero), the box spans those cells with both ends included (at least one), and bin
+    ``k`` of ``output_size`` spans cells ``floor(k s)`` to ``ceil((k + 1) s)`` from its start,
+    ``s`` = the box's cells / ``output_size`` (float32, as in the kernel). Returns
+    ``(columns, rows)``: per bin the half-open cell range ``(start, end)``, not clipped to a map.
+    """
+    def rounded(v: float) -> int:  # C's round(), not torch.round (which rounds half to even)
+        return int(math.copysign(math.floor(abs(v) + 0.5), v))
+
+    corners = [rounded(float(v)) for v in (box.float() * spatial_scale).tolist()]
+    ranges = []
+    for start, end in ((corners[0], corners[2]), (corners[1], corners[3])):
+        step = torch.tensor(max(end - start + 1, 1), dtype=torch.float32) / output_size
+        ranges.append([(start + int(torch.floor(k * step)), start + int(torch.ceil((k + 1) * step)))
+                       for k in range(output_size)])
+    return ranges[0], ranges[1]
+
+
+def _feature_grid(ax, cells: int) -> None:
+    """Cell borders and centres of a ``cells`` x ``cells`` map, cell ``i`` centred at coordinate
+    ``i`` (RoIAlign's ``aligned=False`` convention), y pointing down."""
+    for v in range(cells + 1):
+        ax.axhline(v - 0.5, color="lightgrey", lw=0.8)
+        ax.axvline(v - 0.5, color="lightgrey", lw=0.8)
+    centres = torch.arange(float(cells))
+    cx, cy = torch.meshgrid(centres, centres, indexing="xy")
+    ax.plot(cx.flatten(), cy.flatten(), "+", color="grey", ms=5, label="feature cells (centres)")
+    ax.set(xlim=(-0.5, cells - 0.5), ylim=(cells - 0.5, -0.5), aspect="equal",
+           xlabel="x (feature cells)", ylabel="y (feature cells)")
+
+
+def draw_roi_pool_vs_align(box: Tensor, output_size: int = 3, sampling_ratio: int = 2,
+                           cells: int = 8):
+    """RoIPool's rounded bins (left) beside RoIAlign's exact ones (right) for one box.
+
+    ``box`` [4] is in feature cells (already divided by the stride), on a ``cells`` x ``cells``
+    map. Left: the box, the cells its rounded corners cover, and each bin's cells from
+    :func:`roi_pool_bins` (drawn slightly inset, so that bins sharing cells show it). Right: the
+    box cut into ``output_size``² equal bins and their ``sampling_ratio``² sample points each.
+    Returns the matplotlib figure.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, (pool, align) = plt.subplots(1, 2, figsize=(11, 6.2))
+    for ax in (pool, align):
+        _feature_grid(ax, cells)
+        outline_box(ax, box, "black", lw=1.5, ls="--")
+        ax.plot([], [], color="black", ls="--", label="the box, exact")
+    columns, rows = roi_pool_bins(box, output_size)
+    (c0, c1), (r0, r1) = (columns[0][0], columns[-1][1]), (rows[0][0], rows[-1][1])
+    pool.add_patch(plt.Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0, r1 - r0, fc="tab:red",
+                                 alpha=0.12, label="cells of the rounded box"))
+    colours = plt.get_cmap("tab10")
+    for i, (top, bottom) in enumerate(rows):
+        for j, (left, right) in enumerate(columns):
+            inset = 0.06 + 0.05 * ((i + j) % 2)
+            corners = (left - 0.5 + inset, top - 0.5 + inset, right - 0.5 - inset,
+                       bottom - 0.5 - inset)
+            outline_box(pool, corners, colours(i * output_size + j), lw=1.5)
+    pool.plot([], [], color=colours(0), lw=1.5, label="one bin's cells (max), each a colour")
+    widths, heights = [b - a for a, b in columns], [b - a for a, b in rows]
+    pool.set_title(f"RoIPool: bins {widths} cells wide, {heights} high", fontsize=10)
+    _draw_roi_align_bins(align, box, output_size, sampling_ratio)
+    for ax in (pool, align):
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _draw_roi_align_bins(ax, box: Tensor, output_size: int, sampling_ratio: int) -> None:
+    """RoIAlign's equal bins on ``box`` and the bilinear sample points of each."""
+    x1, y1, x2, y2 = [float(v) for v in box]
+    bw, bh = (x2 - x1) / output_size, (y2 - y1) / output_size
+    offsets = (torch.arange(sampling_ratio) + 0.5) / sampling_ratio
+    for i in range(output_size):
+        for j in range(output_size):
+            outline_box(ax, (x1 + j * bw, y1 + i * bh, x1 + (j + 1) * bw, y1 + (i + 1) * bh),
+                        "tab:blue", lw=1.5)
+            yy, xx = torch.meshgrid(y1 + (i + offsets) * bh, x1 + (j + offsets) * bw,
+                                    indexing="ij")
+            ax.plot(xx.flatten(), yy.flatten(), "o", color="tab:orange", ms=4,
+                    label="bilinear sample points (mean)" if i == j == 0 else None)
+    ax.plot([], [], color="tab:blue", lw=1.5, label=f"{output_size}x{output_size} equal bins")
+    ax.set_title(f"RoIAlign: no rounding, {sampling_ratio}x{sampling_ratio} samples per bin",
+                 fontsize=10)
+
+
 # ─── 4. Notebook helpers: set-up, showing code, checked exercises ────────────────────────────
 # What the six notebooks share, so that none of them repeats it: the first cell's set-up, printing
 # the module's code where a notebook teaches it, and the checks of the exercises, which compare a

@@ -429,3 +429,48 @@ def test_every_code_cell_fits_a_screen_25_lines_of_at_most_100_characters():
                                 + (f", lines {wide} over 100 characters" if wide else ""))
     assert len(glob.glob(os.path.join(folder, "*.ipynb"))) == 6
     assert not too_long, "\n".join(too_long)
+def test_roi_pool_bins_are_the_cells_torchvision_roi_pool_takes_the_maximum_over():
+    import torchvision
+
+    g = torch.Generator().manual_seed(0)
+    fmap = torch.randn(1, 1, 12, 12, generator=g)
+    corners = torch.rand(20, 2, generator=g) * 6
+    boxes = [[1.3, 0.8, 5.4, 5.9], [2.5, 0.5, 9.5, 3.5], [0.0, 0.0, 11.0, 11.0], [4, 4, 4.2, 4.1]]
+    boxes += torch.cat([corners, corners + torch.rand(20, 2, generator=g) * 5], 1).tolist()
+    for box in boxes:
+        for n in (2, 3, 7):
+            columns, rows = course.roi_pool_bins(torch.tensor(box), n)
+            ours = torch.tensor([[float(fmap[0, 0, r0:r1, c0:c1].max()) for c0, c1 in columns]
+                                 for r0, r1 in rows])
+            theirs = torchvision.ops.roi_pool(fmap, torch.tensor([[0.0, *box]]), (n, n), 1.0)
+            assert torch.equal(ours, theirs[0, 0]), (box, n)
+    # the notebook's box: 5 cells wide once rounded, so three bins of 2, 3, 2 cells that overlap
+    assert course.roi_pool_bins(torch.tensor([1.3, 0.8, 5.4, 5.9]), 3) == (
+        [(1, 3), (2, 5), (4, 6)], [(1, 3), (3, 5), (5, 7)])
+    # a stride: the box in pixels, divided by 16, rounded half away from zero (2.5 -> 3)
+    assert course.roi_pool_bins(torch.tensor([40.0, 8.0, 72.0, 40.0]), 1, 1 / 16) == (
+        [(3, 6)], [(1, 4)])
+
+
+def test_the_roi_pool_picture_draws_the_cells_torchvision_roi_pool_reads():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torchvision
+
+    box = torch.tensor([1.3, 0.8, 5.4, 5.9])
+    fig = course.draw_roi_pool_vs_align(box, output_size=3, sampling_ratio=2)
+    pool, align = fig.axes
+    drawn = [p for p in pool.patches if not p.get_fill() and p.get_linestyle() == "solid"]
+    assert len(drawn) == 9
+    fmap = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    maxima = []
+    for p in drawn:  # each bin is drawn inset by at most 0.11 cell inside its cells' borders
+        x0, y0 = p.get_x() + 0.5, p.get_y() + 0.5
+        c0, r0 = round(x0), round(y0)
+        c1, r1 = round(x0 + p.get_width()), round(y0 + p.get_height())
+        maxima.append(float(fmap[0, 0, r0:r1, c0:c1].max()))
+    theirs = torchvision.ops.roi_pool(fmap, torch.cat([torch.zeros(1), box])[None], (3, 3), 1.0)
+    assert maxima == theirs.flatten().tolist()  # bins drawn row by row, as roi_pool lays them out
+    assert len(align.lines) > 0 and len(align.patches) == 1 + 9  # the exact box and 9 equal bins
+    plt.close(fig)
