@@ -120,18 +120,20 @@ def pooled_levels(model: nn.Module, image: Tensor) -> List[int]:
 
 
 def write_shapes_coco_folder(folder: str, num_images: int, names_of: Dict[int, str], *,
-                             image_size: int = 128, seed: int = 0) -> str:
+                             image_size: int = 128, seed: int = 0, **options) -> str:
     """Write :class:`SyntheticShapesDataset` images as a COCO-format folder, the format labelling
     tools export: ``folder/images/{i}.png`` and ``folder/annotations.json``; return the JSON's path.
 
-    ``names_of`` maps each shape label (1 circle, 2 square, 3 triangle) to a class name of your
-    own; shapes given one name become one class. Category ids are 10, 20, ... in name order
-    (sparse, as real files often are); boxes are written as COCO's ``[x, y, w, h]``."""
+    ``names_of`` maps each shape label (by default 1 circle, 2 square, 3 triangle; with
+    ``shapes=(...)`` among ``options``, k for the k-th of them) to a class name of your own;
+    shapes given one name become one class. ``options`` go to the dataset (``shapes``,
+    ``object_size``, ...). Category ids are 10, 20, ... in name order (sparse, as real files
+    often are); boxes are written as COCO's ``[x, y, w, h]``."""
     from PIL import Image
 
     names = sorted(set(names_of.values()))
     category_of = {label: 10 * (names.index(name) + 1) for label, name in names_of.items()}
-    shapes = SyntheticShapesDataset(num_images, image_size, seed=seed)
+    shapes = SyntheticShapesDataset(num_images, image_size, seed=seed, **options)
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
     images, annotations = [], []
     for i in range(num_images):
