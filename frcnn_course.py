@@ -726,6 +726,33 @@ def check_score_filter(yours) -> bool:
     return check_exercise(yours, keep_scoring, cases, compare=same, name="keep_scoring")
 
 
+def original_cases() -> List[Tuple[Tensor, Dict[str, Tensor]]]:
+    """The inputs of :func:`check_boxes_to_original`: (boxes [N, 4] in a returned image's pixels,
+    its target) for three images resized from 90 x 120 to 150 x 200 px, flipped and not. The
+    boxes are each object's box grown by 3 px, one past all four edges and one past the right
+    edge only (the left one once flipped back): clipping to the original size matters."""
+    cases = []
+    for flip in (1.0, 0.0):
+        data = SyntheticShapesDataset(3, (90, 120), seed=3, resize="shorter", min_size=150,
+                                      train=True, flip_prob=flip)
+        for i in range(len(data)):
+            target = data[i][1]
+            height, width = (float(v) for v in target["size"])
+            outside = torch.tensor([[-12.0, -7, width + 9, height + 15],
+                                    [width - 20, 10, width + 25, 40]])
+            grown = target["boxes"] + torch.tensor([-3.0, -3, 3, 3])
+            cases.append((torch.cat((grown, outside)), target))
+    return cases
+
+
+def check_boxes_to_original(yours) -> bool:
+    """Exercise: ``yours(boxes, target)`` against :func:`boxes_to_original` on
+    :func:`original_cases`: undo the flip, divide by the scale, clip to the original size."""
+    from frcnn_common import boxes_to_original
+
+    return check_exercise(yours, boxes_to_original, original_cases())
+
+
 def _box_cases(generator: torch.Generator) -> List[Tuple[Tensor, Tensor]]:
     """Pairs of box sets: edge cases (identical, touching, nested, disjoint) and random ones."""
     a = torch.tensor([[0.0, 0, 10, 10]])

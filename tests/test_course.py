@@ -204,6 +204,39 @@ def ap_strictly_above_the_threshold(boxes, scores, gt_boxes, iou_threshold):
     return ap_by_hand(boxes, scores, gt_boxes, iou_threshold + 1e-6)
 
 
+def to_original_by_hand(boxes, target, flip=True, scale=True, clip=True):
+    """Box by box: mirror x about the returned width if flipped, divide by the scale, clip to the
+    original size. ``flip``, ``scale``, ``clip`` False make the typical mistakes below."""
+    width = float(target["size"][1])
+    height0, width0 = (float(v) for v in target["orig_size"])
+    factor = float(target["scale"][0])
+    out = []
+    for x1, y1, x2, y2 in boxes.tolist():
+        if bool(target["flipped"]) and flip:
+            x1, x2 = width - x2, width - x1
+        x1, y1, x2, y2 = (v / factor if scale else v * factor for v in (x1, y1, x2, y2))
+        if clip:
+            x1, x2 = (min(max(v, 0.0), width0) for v in (x1, x2))
+            y1, y2 = (min(max(v, 0.0), height0) for v in (y1, y2))
+        out.append([x1, y1, x2, y2])
+    return torch.tensor(out).reshape(-1, 4)
+
+
+def to_original_never_clipping(boxes, target):
+    """Forgets the clip: boxes reaching past the image stay past the original's edges."""
+    return to_original_by_hand(boxes, target, clip=False)
+
+
+def to_original_forgetting_the_flip(boxes, target):
+    """Divides and clips, but leaves flipped boxes mirrored."""
+    return to_original_by_hand(boxes, target, flip=False)
+
+
+def to_original_times_scale(boxes, target):
+    """Multiplies by the scale (the resize's direction) instead of dividing."""
+    return to_original_by_hand(boxes, target, scale=False)
+
+
 @pytest.mark.parametrize("checker, right, wrong", [
     (course.check_box_iou, iou_by_loops, iou_with_plus_one),
     (course.check_nms, nms_by_score, nms_in_index_order),
@@ -218,9 +251,13 @@ def ap_strictly_above_the_threshold(boxes, scores, gt_boxes, iou_threshold):
     (course.check_average_precision, ap_by_hand, ap_best_or_false_positive),
     (course.check_average_precision, ap_by_hand, ap_strictly_above_the_threshold),
     (course.check_score_filter, filter_by_loop, filter_strictly_above),
+    (course.check_boxes_to_original, to_original_by_hand, to_original_never_clipping),
+    (course.check_boxes_to_original, to_original_by_hand, to_original_forgetting_the_flip),
+    (course.check_boxes_to_original, to_original_by_hand, to_original_times_scale),
 ], ids=["iou+1", "nms-unsorted", "nms-suppressed-suppress", "nms->=", "nms-ties-reversed",
         "encode-no-weights", "anchors-offset", "level-rounded", "level-no-epsilon",
-        "ap-duplicates", "ap-best-or-fp", "ap->t", "filter->"])
+        "ap-duplicates", "ap-best-or-fp", "ap->t", "filter->", "original-no-clip",
+        "original-no-flip", "original-times-scale"])
 def test_each_checker_accepts_the_right_answer_and_rejects_a_typical_wrong_one(
         checker, right, wrong, capsys):
     assert checker(right) is True
