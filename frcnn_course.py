@@ -151,6 +151,27 @@ def write_shapes_coco_folder(folder: str, num_images: int, names_of: Dict[int, s
     return path
 
 
+def freeze_backbone(model: nn.Module) -> int:
+    """Stop ``model``'s backbone (a :class:`FasterRCNN`'s ``backbone``) from training: its
+    weights get ``requires_grad`` False and its ``nn.BatchNorm2d`` layers become
+    :class:`FrozenBatchNorm2d` with the statistics they hold, so training mode no longer moves
+    them either. The FPN, RPN and ROI head still train. Returns the number of weights that were
+    training and no longer do (BatchNorm's scale and shift included)."""
+    from frcnn_common import FrozenBatchNorm2d
+
+    frozen = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
+    for parent in list(model.backbone.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.BatchNorm2d):
+                fixed = FrozenBatchNorm2d(child.num_features, child.eps)
+                for key in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(fixed, key).copy_(getattr(child, key).detach())
+                setattr(parent, name, fixed.to(child.weight.device))
+    for param in model.backbone.parameters():
+        param.requires_grad_(False)
+    return frozen
+
+
 def shapes_detector(checkpoint: str, fallback: Optional[str] = None, *, progress: bool = True,
                     **recipe) -> nn.Module:
     """The shapes detector that notebook 05 trains and saves at ``checkpoint``, in eval mode.
@@ -477,9 +498,46 @@ def _label_corners(corners: List[Tuple[float, float]], widths: List[float], heig
     return [(x, y) for x, y, _ in placed]
 
 
+def label_sizes(ax, texts: List[str], fontsize: float = 8) -> List[Tuple[float, float]]:
+    """(width, height) in the image pixels of axis ``ax`` of each label as :func:`outline_box`
+    draws it: the text as the figure's renderer lays it out, plus the 1 pt padding on each side
+    ((0, 0) for an empty text)."""
+    ax.apply_aspect()  # the image's final place on the figure, to size the labels in its pixels
+    to_display = ax.transData.transform
+    per_x = abs(to_display((1, 0))[0] - to_display((0, 0))[0])  # display px per image px
+    per_y = abs(to_display((0, 1))[1] - to_display((0, 0))[1])
+    pad = 2 * ax.figure.dpi / 72  # 1 pt on each side, in display px
+    sizes = []
+    for text in texts:
+        if not text:
+            sizes.append((0.0, 0.0))
+            continue
+        artist = ax.text(0, 0, text, fontsize=fontsize)
+        extent = artist.get_window_extent()
+        artist.remove()
+        sizes.append(((extent.width + pad) / per_x, (extent.height + pad) / per_y))
+    return sizes
+
+
+def label_boxes(ax, boxes: Tensor, texts: List[str], colours, image_size: Tuple[int, int],
+                **style) -> None:
+    """Outline ``boxes`` [N, 4] (x1, y1, x2, y2 in image pixels) in ``colours`` [N] with label
+    ``texts`` [N] (an empty text: no label) just above them, placed in the order given by
+    :func:`_label_corners` (the first keeps its place, the next move below any they would cover),
+    sized by :func:`label_sizes`; drawn in reverse so the first is on top. ``image_size`` is
+    ``(H, W)``; ``style`` goes to :func:`outline_box` (``lw``, ``ls``, ...)."""
+    sizes = label_sizes(ax, texts)
+    height = max((h for _, h in sizes), default=0.0)
+    at = _label_corners([(float(box[0]), float(box[1])) for box in boxes],
+                        [w for w, _ in sizes], height, image_size)
+    for k in reversed(range(len(texts))):
+        outline_box(ax, boxes[k], colours[k], texts[k], at=at[k], **style)
+
+
 def draw_boxes(image: Tensor, boxes: Tensor, labels: Optional[Tensor] = None,
                scores: Optional[Tensor] = None, class_names: List[str] = COCO_NAMES,
-               score_threshold: float = 0.0, title: Optional[str] = None, ax=None):
+               score_threshold: float = 0.0, title: Optional[str] = None, ax=None,
+               max_labels: Optional[int] = None):
     """Draw an image with its boxes, class names and scores on a matplotlib axis.
 
     Args:
@@ -492,6 +550,11 @@ def draw_boxes(image: Tensor, boxes: Tensor, labels: Optional[Tensor] = None,
         class_names: names by label (``COCO_NAMES``, ``SHAPE_NAMES``, ...).
         title: the axis title (default: the number of boxes drawn).
         ax: the axis to draw on (default: a new figure).
+        max_labels: when more boxes are drawn, only the first ``max_labels`` (the best scores)
+            get a label, and a second line of the title says so; default: every box.
+
+    Labels are sized for the figure as it is at the call (by :func:`label_sizes`): set the
+    figure's size before, not after.
 
     Returns:
         The matplotlib axis.
@@ -507,23 +570,19 @@ def draw_boxes(image: Tensor, boxes: Tensor, labels: Optional[Tensor] = None,
     if scores is not None:
         scores = scores.detach().cpu()
         keep = scores >= score_threshold
-    colours = plt.get_cmap("tab10")
     order = torch.nonzero(keep).flatten()
     if scores is not None:  # the highest score first: it keeps its label's place
         order = order[torch.sort(scores[order], descending=True, stable=True).indices]
     texts = [_box_text(labels, scores, i, class_names) for i in order.tolist()]
-    ax.apply_aspect()  # the image's final place on the figure, to size the labels in pixels
-    pixel = abs(ax.transData.transform((1, 0))[0] - ax.transData.transform((0, 0))[0])
-    point = ax.figure.dpi / 72 / pixel  # one typographic point in image pixels
-    at = _label_corners([(float(boxes[i, 0]), float(boxes[i, 1])) for i in order.tolist()],
-                        [(0.6 * 8 * len(t) + 2) * point for t in texts], (8 * 1.3 + 2) * point,
-                        shown.shape[:2])  # 8 pt text, 1 pt padding on each side
-    for k in reversed(range(len(texts))):  # the lowest score drawn first, the highest on top
-        i = int(order[k])
-        label = int(labels[i]) if labels is not None else None
-        colour = colours(label % 10) if label is not None else "yellow"
-        outline_box(ax, boxes[i], colour, texts[k], at=at[k])  # no text: a plain outline
-    ax.set_title(title if title is not None else f"{int(keep.sum())} boxes")
+    title = title if title is not None else f"{len(order)} boxes"
+    if max_labels is not None and len(texts) > max_labels:
+        texts = texts[:max_labels] + [""] * (len(texts) - max_labels)
+        title += f"\n(labels on the {max_labels} best)" if scores is not None else \
+            f"\n(labels on the first {max_labels})"
+    colours = [plt.get_cmap("tab10")(int(labels[i]) % 10) if labels is not None else "yellow"
+               for i in order.tolist()]
+    label_boxes(ax, boxes[order], texts, colours, shown.shape[:2])
+    ax.set_title(title)
     ax.axis("off")
     return ax
 

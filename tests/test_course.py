@@ -389,6 +389,61 @@ def test_draw_boxes_puts_the_highest_score_on_top_with_labels_inside_and_apart()
     plt.close("all")
 
 
+def test_draw_boxes_sizes_labels_by_their_drawn_text_so_long_names_do_not_cover_others():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # boxes side by side, 22 px (about 75 pt here) apart: a label of 8 wide letters is wider
+    # than 0.6 of the font size per letter, so it must be measured to move the next one down
+    names = ["__background__", "triangle", "WWWWWWWW", "circle"]
+    boxes = torch.tensor([[4.0 + 22 * k, 40, 20 + 22 * k, 70] for k in range(4)])
+    scores = torch.tensor([0.99, 0.95, 0.9, 0.85])
+    ax = course.draw_boxes(torch.zeros(3, 96, 96), boxes, torch.tensor([2, 3, 2, 1]), scores,
+                           class_names=names)
+    ax.figure.canvas.draw()
+    patches = [text.get_bbox_patch().get_window_extent() for text in ax.texts]
+    for k, a in enumerate(patches):  # the coloured boxes behind the texts, padding included
+        assert not any(a.x0 + 0.5 < b.x1 and b.x0 + 0.5 < a.x1 and a.y0 + 0.5 < b.y1
+                       and b.y0 + 0.5 < a.y1 for b in patches[k + 1:])
+    plt.close("all")
+
+
+def test_draw_boxes_labels_only_the_best_when_asked_and_says_so_in_the_title():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    boxes, scores = course.random_boxes(12, 64.0), torch.linspace(0.9, 0.35, 12)
+    ax = course.draw_boxes(torch.zeros(3, 64, 64), boxes, torch.ones(12, dtype=torch.long), scores,
+                           class_names=fc.SHAPE_NAMES, max_labels=5, title="twelve")
+    assert len(ax.patches) == 12 and ax.get_title() == "twelve\n(labels on the 5 best)"
+    assert sorted(float(t.get_text().split()[-1]) for t in ax.texts) == \
+        pytest.approx(scores[:5].sort().values.tolist(), abs=1e-6)
+    plt.close("all")
+
+
+def test_freeze_backbone_keeps_weights_and_statistics_and_trains_the_rest():
+    torch.manual_seed(0)
+    model = fc.tiny_detector(4)
+    x = torch.randn(2, 3, 64, 64)
+    weights = sum(p.numel() for p in model.backbone.parameters())
+    before = [m.clone() for m in model.backbone.eval()(x)]
+    assert course.freeze_backbone(model) == weights
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    for a, b in zip(before, model.backbone(x)):  # the same function as the unfrozen one in eval
+        torch.testing.assert_close(a, b)
+    backbone = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    fpn = {k: v.clone() for k, v in model.fpn.state_dict().items()}
+    data = fc.SyntheticShapesDataset(4, 64, seed=0, train=True)
+    engine.fit(model, engine.make_loader(data, 2), 1, lr=0.01, warmup_steps=0, amp=False,
+               device="cpu", progress=False)
+    for k, v in model.backbone.state_dict().items():  # weights and BatchNorm statistics
+        assert torch.equal(v, backbone[k]), k
+    assert any(not torch.equal(v, fpn[k]) for k, v in model.fpn.state_dict().items())
+
+
 def test_draw_detector_overview_writes_the_recorded_shapes_and_names_a_missing_stage():
     import matplotlib
     matplotlib.use("Agg")
