@@ -522,9 +522,9 @@ def label_sizes(ax, texts: List[str], fontsize: float = 8) -> List[Tuple[float, 
 def label_boxes(ax, boxes: Tensor, texts: List[str], colours, image_size: Tuple[int, int],
                 **style) -> None:
     """Outline ``boxes`` [N, 4] (x1, y1, x2, y2 in image pixels) in ``colours`` [N] with label
-    ``texts`` [N] (an empty text: no label) just above them, placed in the order given by
-    :func:`_label_corners` (the first keeps its place, the next move below any they would cover),
-    sized by :func:`label_sizes`; drawn in reverse so the first is on top. ``image_size`` is
+    ``texts`` [N] (an empty text: no label) just above them, sized by :func:`label_sizes` and
+    placed by :func:`_label_corners` in the order given (the first keeps its place; a later one
+    moves below any it would cover); drawn in reverse, so the first is on top. ``image_size`` is
     ``(H, W)``; ``style`` goes to :func:`outline_box` (``lw``, ``ls``, ...)."""
     sizes = label_sizes(ax, texts)
     height = max((h for _, h in sizes), default=0.0)
