@@ -274,6 +274,10 @@ from frcnn_sources import (HUB_COCO, _open_image, check_hub, export_line,  # noq
 SHAPE_NAMES = ["__background__", "circle", "square", "triangle"]
 """Class names of ``SyntheticShapesDataset``: index 0 is the background, as in ``COCO_NAMES``."""
 
+SHAPE_KINDS = ("circle", "square", "triangle", "ring", "cross", "star", "bar")
+"""Every shape ``SyntheticShapesDataset`` can draw (its ``shapes`` argument); it draws the first
+three, the classes of :data:`SHAPE_NAMES`, unless told otherwise."""
+
 
 def load_rgb(image) -> Tensor:
     """Any PIL image as a uint8 RGB tensor [3, H, W].
@@ -538,7 +542,8 @@ class SyntheticShapesDataset(Dataset):
     ``objects[0]..objects[1]`` non-overlapping shapes of random colour (kept away from the
     background colour) whose side is ``object_size[0]..object_size[1]`` of the shorter image
     side, log-uniformly: small to large objects. The box of a shape is the tight box of its
-    pixels. Labels index :data:`SHAPE_NAMES` (1 circle, 2 square, 3 triangle).
+    pixels. Labels index :data:`SHAPE_NAMES` (1 circle, 2 square, 3 triangle), or with ``shapes``
+    given, ``class_names = ["__background__", *shapes]``.
 
     Args:
         num_images: length of the dataset.
@@ -547,19 +552,23 @@ class SyntheticShapesDataset(Dataset):
         objects: (fewest, most) shapes per image.
         object_size: (smallest, largest) shape side as a fraction of the shorter image side.
         texture: strength of the background waves (0 gives a flat background, an easier task).
+        shapes: the kinds drawn, any of :data:`SHAPE_KINDS` (default circle, square, triangle;
+            the default's images are the same as before the option existed). Shape ``k`` of the
+            tuple has label ``k + 1``. A ring is a circle with a hole, a cross a plus sign with
+            arms a third of its side wide, a star five-pointed, a bar as wide as a square and a
+            third as high.
         train, flip_prob: as in :class:`COCOStreamDataset` (flip probability 0.5 when training;
-            all three shapes are mirror-symmetric).
+            every shape is mirror-symmetric about its vertical axis).
         resize, min_size, max_size: as in :class:`COCOStreamDataset`; default ``None`` keeps the
             rendered size (render at the size you want rather than resampling).
 
     Returns per index the sample ``(image [3, H, W], target)`` of the COCO stream's format.
     """
 
-    class_names = SHAPE_NAMES
-
     def __init__(self, num_images: int = 512, image_size=128, seed: int = 0, *,
                  objects: Tuple[int, int] = (1, 4), object_size: Tuple[float, float] = (0.12, 0.5),
-                 texture: float = 1.0, train: bool = False, flip_prob: Optional[float] = None,
+                 texture: float = 1.0, shapes: Sequence[str] = SHAPE_KINDS[:3],
+                 train: bool = False, flip_prob: Optional[float] = None,
                  resize: Optional[str] = None, min_size: int = IMG_SIZE,
                  max_size: Optional[int] = None):
         height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
@@ -568,10 +577,15 @@ class SyntheticShapesDataset(Dataset):
                              f"image_size={image_size}, objects={objects}")
         if not 0 < object_size[0] <= object_size[1] <= 1:
             raise ValueError(f"object_size must satisfy 0 < low <= high <= 1, got {object_size}")
+        if not shapes or any(kind not in SHAPE_KINDS for kind in shapes) \
+                or len(set(shapes)) < len(shapes):
+            raise ValueError(f"shapes must be distinct names from {SHAPE_KINDS}, got {shapes}")
         self.num_images, self.image_size, self.seed = num_images, (height, width), seed
         self.objects, self.object_size, self.texture = objects, object_size, texture
         self.options = SampleOptions(resize, min_size, max_size, train, flip_prob, skip_empty=False)
-        self.num_classes = len(SHAPE_NAMES)
+        self.shapes = tuple(shapes)
+        self.class_names = ["__background__", *self.shapes]
+        self.num_classes = len(self.class_names)
 
     def __len__(self) -> int:
         return self.num_images
@@ -607,18 +621,12 @@ class SyntheticShapesDataset(Dataset):
                     break
             else:
                 continue
-            label = int(rng.integers(1, len(SHAPE_NAMES)))
+            label = int(rng.integers(1, len(self.shapes) + 1))
             colour = rng.uniform(0, 1, 3)
             while np.abs(colour - background).max() < 0.35:
                 colour = rng.uniform(0, 1, 3)
             wy, wx = y[y0:y0 + s, x0:x0 + s], x[y0:y0 + s, x0:x0 + s]
-            cx, cy = x0 + s / 2, y0 + s / 2
-            if SHAPE_NAMES[label] == "circle":
-                mask = (wx - cx) ** 2 + (wy - cy) ** 2 <= (s / 2) ** 2
-            elif SHAPE_NAMES[label] == "square":
-                mask = np.ones((s, s), dtype=bool)
-            else:  # triangle: apex at the top centre, base along the bottom, height = base = s
-                mask = np.abs(wx - cx) <= (wy - y0) / 2
+            mask = _shape_mask(self.shapes[label - 1], wx - (x0 + s / 2), wy - y0, s)
             image[y0:y0 + s, x0:x0 + s][mask] = colour
             rows, cols = np.nonzero(mask)
             boxes.append([x0 + cols.min(), y0 + rows.min(),  # tight box, pixel edges
@@ -629,6 +637,31 @@ class SyntheticShapesDataset(Dataset):
         return (torch.from_numpy(pixels).permute(2, 0, 1).contiguous(),
                 torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
                 torch.tensor(labels, dtype=torch.int64))
+
+
+def _shape_mask(kind: str, dx: np.ndarray, dy: np.ndarray, s: int) -> np.ndarray:
+    """The pixels of shape ``kind`` (one of :data:`SHAPE_KINDS`) in its ``s`` x ``s`` square:
+    ``dx``, ``dy`` [s, s] are the pixel centres' offsets from the square's top centre."""
+    r, ry = s / 2, dy - s / 2  # radius; offset from the centre downwards
+    if kind == "circle":
+        return dx ** 2 + ry ** 2 <= r ** 2
+    if kind == "square":
+        return np.ones((s, s), dtype=bool)
+    if kind == "triangle":  # apex at the top centre, base along the bottom, height = base = s
+        return np.abs(dx) <= dy / 2
+    if kind == "ring":  # a circle with a hole of 0.55 of its radius
+        return ((0.55 * r) ** 2 <= dx ** 2 + ry ** 2) & (dx ** 2 + ry ** 2 <= r ** 2)
+    if kind == "cross":  # a plus sign, arms a third of the side wide
+        return (np.abs(dx) <= s / 6) | (np.abs(ry) <= s / 6)
+    if kind == "bar":  # a third as high as wide, centred
+        return np.abs(ry) <= s / 6
+    if kind == "star":  # five points, one straight up; the edges are straight lines from each
+        # point (radius r, angle 0) to the inner corner (radius 0.382 r, 36 degrees): a pentagram
+        phi = np.abs((np.arctan2(dx, -ry) + np.pi / 5) % (2 * np.pi / 5) - np.pi / 5)
+        inner, half = 0.382 * r, np.pi / 5
+        edge = r * inner * np.sin(half) / (inner * np.sin(half - phi) + r * np.sin(phi))
+        return dx ** 2 + ry ** 2 <= edge ** 2
+    raise ValueError(f"unknown shape {kind!r}: choose from {SHAPE_KINDS}")
 
 
 # Your own data ─────────────────────────────────────────────────────────────────────────────────

@@ -120,18 +120,20 @@ def pooled_levels(model: nn.Module, image: Tensor) -> List[int]:
 
 
 def write_shapes_coco_folder(folder: str, num_images: int, names_of: Dict[int, str], *,
-                             image_size: int = 128, seed: int = 0) -> str:
+                             image_size: int = 128, seed: int = 0, **options) -> str:
     """Write :class:`SyntheticShapesDataset` images as a COCO-format folder, the format labelling
     tools export: ``folder/images/{i}.png`` and ``folder/annotations.json``; return the JSON's path.
 
-    ``names_of`` maps each shape label (1 circle, 2 square, 3 triangle) to a class name of your
-    own; shapes given one name become one class. Category ids are 10, 20, ... in name order
-    (sparse, as real files often are); boxes are written as COCO's ``[x, y, w, h]``."""
+    ``names_of`` maps each shape label (by default 1 circle, 2 square, 3 triangle; with
+    ``shapes=(...)`` among ``options``, k for the k-th of them) to a class name of your own;
+    shapes given one name become one class. ``options`` go to the dataset (``shapes``,
+    ``object_size``, ...). Category ids are 10, 20, ... in name order (sparse, as real files
+    often are); boxes are written as COCO's ``[x, y, w, h]``."""
     from PIL import Image
 
     names = sorted(set(names_of.values()))
     category_of = {label: 10 * (names.index(name) + 1) for label, name in names_of.items()}
-    shapes = SyntheticShapesDataset(num_images, image_size, seed=seed)
+    shapes = SyntheticShapesDataset(num_images, image_size, seed=seed, **options)
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
     images, annotations = [], []
     for i in range(num_images):
@@ -147,6 +149,27 @@ def write_shapes_coco_folder(folder: str, num_images: int, names_of: Dict[int, s
     with open(path, "w") as f:
         json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
     return path
+
+
+def freeze_backbone(model: nn.Module) -> int:
+    """Stop ``model``'s backbone (a :class:`FasterRCNN`'s ``backbone``) from training: its
+    weights get ``requires_grad`` False and its ``nn.BatchNorm2d`` layers become
+    :class:`FrozenBatchNorm2d` with the statistics they hold, so training mode no longer moves
+    them either. The FPN, RPN and ROI head still train. Returns the number of weights that were
+    training and no longer do (BatchNorm's scale and shift included)."""
+    from frcnn_common import FrozenBatchNorm2d
+
+    frozen = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
+    for parent in list(model.backbone.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.BatchNorm2d):
+                fixed = FrozenBatchNorm2d(child.num_features, child.eps)
+                for key in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(fixed, key).copy_(getattr(child, key).detach())
+                setattr(parent, name, fixed.to(child.weight.device))
+    for param in model.backbone.parameters():
+        param.requires_grad_(False)
+    return frozen
 
 
 def shapes_detector(checkpoint: str, fallback: Optional[str] = None, *, progress: bool = True,
@@ -521,9 +544,46 @@ def _label_corners(corners: List[Tuple[float, float]], widths: List[float], heig
     return [(x, y) for x, y, _ in placed]
 
 
+def label_sizes(ax, texts: List[str], fontsize: float = 8) -> List[Tuple[float, float]]:
+    """(width, height) in the image pixels of axis ``ax`` of each label as :func:`outline_box`
+    draws it: the text as the figure's renderer lays it out, plus the 1 pt padding on each side
+    ((0, 0) for an empty text)."""
+    ax.apply_aspect()  # the image's final place on the figure, to size the labels in its pixels
+    to_display = ax.transData.transform
+    per_x = abs(to_display((1, 0))[0] - to_display((0, 0))[0])  # display px per image px
+    per_y = abs(to_display((0, 1))[1] - to_display((0, 0))[1])
+    pad = 2 * ax.figure.dpi / 72  # 1 pt on each side, in display px
+    sizes = []
+    for text in texts:
+        if not text:
+            sizes.append((0.0, 0.0))
+            continue
+        artist = ax.text(0, 0, text, fontsize=fontsize)
+        extent = artist.get_window_extent()
+        artist.remove()
+        sizes.append(((extent.width + pad) / per_x, (extent.height + pad) / per_y))
+    return sizes
+
+
+def label_boxes(ax, boxes: Tensor, texts: List[str], colours, image_size: Tuple[int, int],
+                **style) -> None:
+    """Outline ``boxes`` [N, 4] (x1, y1, x2, y2 in image pixels) in ``colours`` [N] with label
+    ``texts`` [N] (an empty text: no label) just above them, sized by :func:`label_sizes` and
+    placed by :func:`_label_corners` in the order given (the first keeps its place; a later one
+    moves below any it would cover); drawn in reverse, so the first is on top. ``image_size`` is
+    ``(H, W)``; ``style`` goes to :func:`outline_box` (``lw``, ``ls``, ...)."""
+    sizes = label_sizes(ax, texts)
+    height = max((h for _, h in sizes), default=0.0)
+    at = _label_corners([(float(box[0]), float(box[1])) for box in boxes],
+                        [w for w, _ in sizes], height, image_size)
+    for k in reversed(range(len(texts))):
+        outline_box(ax, boxes[k], colours[k], texts[k], at=at[k], **style)
+
+
 def draw_boxes(image: Tensor, boxes: Tensor, labels: Optional[Tensor] = None,
                scores: Optional[Tensor] = None, class_names: List[str] = COCO_NAMES,
-               score_threshold: float = 0.0, title: Optional[str] = None, ax=None):
+               score_threshold: float = 0.0, title: Optional[str] = None, ax=None,
+               max_labels: Optional[int] = None):
     """Draw an image with its boxes, class names and scores on a matplotlib axis.
 
     Args:
@@ -536,6 +596,11 @@ def draw_boxes(image: Tensor, boxes: Tensor, labels: Optional[Tensor] = None,
         class_names: names by label (``COCO_NAMES``, ``SHAPE_NAMES``, ...).
         title: the axis title (default: the number of boxes drawn).
         ax: the axis to draw on (default: a new figure).
+        max_labels: when more boxes are drawn, only the first ``max_labels`` (the best scores)
+            get a label, and a second line of the title says so; default: every box.
+
+    Labels are sized for the figure as it is at the call (by :func:`label_sizes`): set the
+    figure's size before, not after.
 
     Returns:
         The matplotlib axis.
@@ -551,23 +616,19 @@ def draw_boxes(image: Tensor, boxes: Tensor, labels: Optional[Tensor] = None,
     if scores is not None:
         scores = scores.detach().cpu()
         keep = scores >= score_threshold
-    colours = plt.get_cmap("tab10")
     order = torch.nonzero(keep).flatten()
     if scores is not None:  # the highest score first: it keeps its label's place
         order = order[torch.sort(scores[order], descending=True, stable=True).indices]
     texts = [_box_text(labels, scores, i, class_names) for i in order.tolist()]
-    ax.apply_aspect()  # the image's final place on the figure, to size the labels in pixels
-    pixel = abs(ax.transData.transform((1, 0))[0] - ax.transData.transform((0, 0))[0])
-    point = ax.figure.dpi / 72 / pixel  # one typographic point in image pixels
-    at = _label_corners([(float(boxes[i, 0]), float(boxes[i, 1])) for i in order.tolist()],
-                        [(0.6 * 8 * len(t) + 2) * point for t in texts], (8 * 1.3 + 2) * point,
-                        shown.shape[:2])  # 8 pt text, 1 pt padding on each side
-    for k in reversed(range(len(texts))):  # the lowest score drawn first, the highest on top
-        i = int(order[k])
-        label = int(labels[i]) if labels is not None else None
-        colour = colours(label % 10) if label is not None else "yellow"
-        outline_box(ax, boxes[i], colour, texts[k], at=at[k])  # no text: a plain outline
-    ax.set_title(title if title is not None else f"{int(keep.sum())} boxes")
+    title = title if title is not None else f"{len(order)} boxes"
+    if max_labels is not None and len(texts) > max_labels:
+        texts = texts[:max_labels] + [""] * (len(texts) - max_labels)
+        title += f"\n(labels on the {max_labels} best)" if scores is not None else \
+            f"\n(labels on the first {max_labels})"
+    colours = [plt.get_cmap("tab10")(int(labels[i]) % 10) if labels is not None else "yellow"
+               for i in order.tolist()]
+    label_boxes(ax, boxes[order], texts, colours, shown.shape[:2])
+    ax.set_title(title)
     ax.axis("off")
     return ax
 
@@ -860,6 +921,33 @@ def check_score_filter(yours) -> bool:
     def same(a, b):
         return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     return check_exercise(yours, keep_scoring, cases, compare=same, name="keep_scoring")
+
+
+def original_cases() -> List[Tuple[Tensor, Dict[str, Tensor]]]:
+    """The inputs of :func:`check_boxes_to_original`: (boxes [N, 4] in a returned image's pixels,
+    its target) for three images resized from 90 x 120 to 150 x 200 px, flipped and not. The
+    boxes are each object's box grown by 3 px, one past all four edges and one past the right
+    edge only (the left one once flipped back): clipping to the original size matters."""
+    cases = []
+    for flip in (1.0, 0.0):
+        data = SyntheticShapesDataset(3, (90, 120), seed=3, resize="shorter", min_size=150,
+                                      train=True, flip_prob=flip)
+        for i in range(len(data)):
+            target = data[i][1]
+            height, width = (float(v) for v in target["size"])
+            outside = torch.tensor([[-12.0, -7, width + 9, height + 15],
+                                    [width - 20, 10, width + 25, 40]])
+            grown = target["boxes"] + torch.tensor([-3.0, -3, 3, 3])
+            cases.append((torch.cat((grown, outside)), target))
+    return cases
+
+
+def check_boxes_to_original(yours) -> bool:
+    """Exercise: ``yours(boxes, target)`` against :func:`boxes_to_original` on
+    :func:`original_cases`: undo the flip, divide by the scale, clip to the original size."""
+    from frcnn_common import boxes_to_original
+
+    return check_exercise(yours, boxes_to_original, original_cases())
 
 
 def _box_cases(generator: torch.Generator) -> List[Tuple[Tensor, Tensor]]:

@@ -204,6 +204,39 @@ def ap_strictly_above_the_threshold(boxes, scores, gt_boxes, iou_threshold):
     return ap_by_hand(boxes, scores, gt_boxes, iou_threshold + 1e-6)
 
 
+def to_original_by_hand(boxes, target, flip=True, scale=True, clip=True):
+    """Box by box: mirror x about the returned width if flipped, divide by the scale, clip to the
+    original size. ``flip``, ``scale``, ``clip`` False make the typical mistakes below."""
+    width = float(target["size"][1])
+    height0, width0 = (float(v) for v in target["orig_size"])
+    factor = float(target["scale"][0])
+    out = []
+    for x1, y1, x2, y2 in boxes.tolist():
+        if bool(target["flipped"]) and flip:
+            x1, x2 = width - x2, width - x1
+        x1, y1, x2, y2 = (v / factor if scale else v * factor for v in (x1, y1, x2, y2))
+        if clip:
+            x1, x2 = (min(max(v, 0.0), width0) for v in (x1, x2))
+            y1, y2 = (min(max(v, 0.0), height0) for v in (y1, y2))
+        out.append([x1, y1, x2, y2])
+    return torch.tensor(out).reshape(-1, 4)
+
+
+def to_original_never_clipping(boxes, target):
+    """Forgets the clip: boxes reaching past the image stay past the original's edges."""
+    return to_original_by_hand(boxes, target, clip=False)
+
+
+def to_original_forgetting_the_flip(boxes, target):
+    """Divides and clips, but leaves flipped boxes mirrored."""
+    return to_original_by_hand(boxes, target, flip=False)
+
+
+def to_original_times_scale(boxes, target):
+    """Multiplies by the scale (the resize's direction) instead of dividing."""
+    return to_original_by_hand(boxes, target, scale=False)
+
+
 @pytest.mark.parametrize("checker, right, wrong", [
     (course.check_box_iou, iou_by_loops, iou_with_plus_one),
     (course.check_nms, nms_by_score, nms_in_index_order),
@@ -218,9 +251,13 @@ def ap_strictly_above_the_threshold(boxes, scores, gt_boxes, iou_threshold):
     (course.check_average_precision, ap_by_hand, ap_best_or_false_positive),
     (course.check_average_precision, ap_by_hand, ap_strictly_above_the_threshold),
     (course.check_score_filter, filter_by_loop, filter_strictly_above),
+    (course.check_boxes_to_original, to_original_by_hand, to_original_never_clipping),
+    (course.check_boxes_to_original, to_original_by_hand, to_original_forgetting_the_flip),
+    (course.check_boxes_to_original, to_original_by_hand, to_original_times_scale),
 ], ids=["iou+1", "nms-unsorted", "nms-suppressed-suppress", "nms->=", "nms-ties-reversed",
         "encode-no-weights", "anchors-offset", "level-rounded", "level-no-epsilon",
-        "ap-duplicates", "ap-best-or-fp", "ap->t", "filter->"])
+        "ap-duplicates", "ap-best-or-fp", "ap->t", "filter->", "original-no-clip",
+        "original-no-flip", "original-times-scale"])
 def test_each_checker_accepts_the_right_answer_and_rejects_a_typical_wrong_one(
         checker, right, wrong, capsys):
     assert checker(right) is True
@@ -350,6 +387,61 @@ def test_draw_boxes_puts_the_highest_score_on_top_with_labels_inside_and_apart()
         assert not any(a.overlaps(b) for b in extents[k + 1:])
     assert ax.texts[-1].get_position()[1] == pytest.approx(0.0)  # the best label keeps the top
     plt.close("all")
+
+
+def test_draw_boxes_sizes_labels_by_their_drawn_text_so_long_names_do_not_cover_others():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # boxes side by side, 22 px (about 75 pt here) apart: a label of 8 wide letters is wider
+    # than 0.6 of the font size per letter, so it must be measured to move the next one down
+    names = ["__background__", "triangle", "WWWWWWWW", "circle"]
+    boxes = torch.tensor([[4.0 + 22 * k, 40, 20 + 22 * k, 70] for k in range(4)])
+    scores = torch.tensor([0.99, 0.95, 0.9, 0.85])
+    ax = course.draw_boxes(torch.zeros(3, 96, 96), boxes, torch.tensor([2, 3, 2, 1]), scores,
+                           class_names=names)
+    ax.figure.canvas.draw()
+    patches = [text.get_bbox_patch().get_window_extent() for text in ax.texts]
+    for k, a in enumerate(patches):  # the coloured boxes behind the texts, padding included
+        assert not any(a.x0 + 0.5 < b.x1 and b.x0 + 0.5 < a.x1 and a.y0 + 0.5 < b.y1
+                       and b.y0 + 0.5 < a.y1 for b in patches[k + 1:])
+    plt.close("all")
+
+
+def test_draw_boxes_labels_only_the_best_when_asked_and_says_so_in_the_title():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    boxes, scores = course.random_boxes(12, 64.0), torch.linspace(0.9, 0.35, 12)
+    ax = course.draw_boxes(torch.zeros(3, 64, 64), boxes, torch.ones(12, dtype=torch.long), scores,
+                           class_names=fc.SHAPE_NAMES, max_labels=5, title="twelve")
+    assert len(ax.patches) == 12 and ax.get_title() == "twelve\n(labels on the 5 best)"
+    assert sorted(float(t.get_text().split()[-1]) for t in ax.texts) == \
+        pytest.approx(scores[:5].sort().values.tolist(), abs=1e-6)
+    plt.close("all")
+
+
+def test_freeze_backbone_keeps_weights_and_statistics_and_trains_the_rest():
+    torch.manual_seed(0)
+    model = fc.tiny_detector(4)
+    x = torch.randn(2, 3, 64, 64)
+    weights = sum(p.numel() for p in model.backbone.parameters())
+    before = [m.clone() for m in model.backbone.eval()(x)]
+    assert course.freeze_backbone(model) == weights
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    for a, b in zip(before, model.backbone(x)):  # the same function as the unfrozen one in eval
+        torch.testing.assert_close(a, b)
+    backbone = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    fpn = {k: v.clone() for k, v in model.fpn.state_dict().items()}
+    data = fc.SyntheticShapesDataset(4, 64, seed=0, train=True)
+    engine.fit(model, engine.make_loader(data, 2), 1, lr=0.01, warmup_steps=0, amp=False,
+               device="cpu", progress=False)
+    for k, v in model.backbone.state_dict().items():  # weights and BatchNorm statistics
+        assert torch.equal(v, backbone[k]), k
+    assert any(not torch.equal(v, fpn[k]) for k, v in model.fpn.state_dict().items())
 
 
 def test_draw_detector_overview_writes_the_recorded_shapes_and_names_a_missing_stage():

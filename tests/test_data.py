@@ -403,6 +403,54 @@ def test_synthetic_boxes_are_tight_on_the_shapes():
             assert near(patch[:, :, 0]) and near(patch[:, :, -1])
 
 
+def test_synthetic_default_shapes_render_as_before_the_shapes_option():
+    pixels, boxes, labels = SyntheticShapesDataset(4, 128, seed=0).render(0)
+    # the values rendered before the option existed
+    assert boxes.tolist() == [[13, 1, 66, 54], [70, 35, 107, 72], [42, 63, 61, 82],
+                              [33, 90, 60, 117]]
+    assert labels.tolist() == [2, 2, 3, 1]
+    assert float(pixels.float().mean()) == pytest.approx(114.1584, abs=1e-3)
+    same = SyntheticShapesDataset(4, 128, seed=0, shapes=("circle", "square", "triangle"))
+    assert torch.equal(same.render(0)[0], pixels)
+    with pytest.raises(ValueError, match="shapes must be distinct names"):
+        SyntheticShapesDataset(4, shapes=("ring", "donut"))
+
+
+def _kind_of(patch, background):
+    """Which new shape fills ``patch`` [3, h, w] (the pixels of its tight box), by its pixels."""
+    inked = (patch - background.view(3, 1, 1)).abs().amax(0) > 45
+    h, w = inked.shape
+    rows, cols = torch.nonzero(inked, as_tuple=True)
+    assert (rows.min(), cols.min(), rows.max(), cols.max()) == (0, 0, h - 1, w - 1)  # tight
+    fill = float(inked.float().mean())
+    centre, corner = bool(inked[h // 2, w // 2]), bool(inked[0, 0])
+    if w > 2 * h:
+        return "bar"
+    if not centre:
+        return "ring"
+    if not corner and 0.45 < fill < 0.65:
+        return "cross"
+    return "star" if fill < 0.45 else "unknown"
+
+
+def test_synthetic_new_shapes_are_drawn_with_their_labels_and_tight_boxes():
+    kinds = ("ring", "cross", "star", "bar")
+    data = SyntheticShapesDataset(30, 96, seed=2, texture=0.0, object_size=(0.25, 0.5),
+                                  shapes=kinds)
+    assert data.class_names == ["__background__", *kinds] and data.num_classes == 5
+    seen = set()
+    for i in range(len(data)):
+        pixels, boxes, labels = data.render(i)
+        image, free = pixels.float(), torch.ones(pixels.shape[1:], dtype=torch.bool)
+        for x1, y1, x2, y2 in boxes.long().tolist():
+            free[y1:y2, x1:x2] = False
+        background = image[:, free].median(1).values  # texture 0: one flat colour and grain
+        for (x1, y1, x2, y2), label in zip(boxes.long().tolist(), labels.tolist()):
+            assert _kind_of(image[:, y1:y2, x1:x2], background) == kinds[label - 1]
+            seen.add(label)
+    assert seen == {1, 2, 3, 4}
+
+
 def test_synthetic_flip_and_loader():
     torch.manual_seed(0)
     data = SyntheticShapesDataset(16, image_size=64, seed=0, train=True)

@@ -185,6 +185,20 @@ def test_write_shapes_coco_folder_merges_shapes_into_the_named_classes(tmp_path)
         assert target["labels"].tolist() == [1 if int(l) == 1 else 2 for l in labels]
 
 
+def test_write_shapes_coco_folder_passes_new_shapes_to_the_renderer(tmp_path):
+    kinds = {"shapes": ("ring", "cross"), "object_size": (0.2, 0.5)}
+    path = course.write_shapes_coco_folder(str(tmp_path / "new"), 4, {1: "ring", 2: "plus"},
+                                       image_size=64, seed=5, **kinds)
+    data = fc.CocoFormatDataset(str(tmp_path / "new" / "images"), path, min_size=64)
+    assert data.class_names == ["__background__", "plus", "ring"]  # category ids in name order
+    shapes = fc.SyntheticShapesDataset(4, 64, seed=5, **kinds)
+    for i in range(4):
+        _, boxes, labels = shapes.render(i)
+        target = data[i][1]
+        torch.testing.assert_close(target["boxes"], boxes.float())
+        assert target["labels"].tolist() == [2 if int(l) == 1 else 1 for l in labels]
+
+
 # ─── the tools' export folders (written by conftest.write_tool_export) ──────────────────────────
 
 
