@@ -52,6 +52,7 @@ SHAPES_RECIPE = dict(
     max_grad_norm=10.0,
     eval_images=200,
     ops="pure",  # frcnn_ops' NMS and RoIAlign: faster here than torchvision's kernels (make bench)
+    channels_last=True,  # convolutions on NHWC tensors: a step about 9 % faster here (make bench)
 )
 """The synthetic-shapes experiment of :func:`shapes_experiment`: small enough to train from
 scratch in minutes on a laptop CPU, and the one place its settings live (the tests, the
@@ -96,6 +97,8 @@ def shapes_experiment(steps: Optional[int] = None, *, seed: int = 0, device=DEVI
     train = SyntheticShapesDataset(steps * config["batch_size"], seed=seed, train=True, **shapes)
     held_out = SyntheticShapesDataset(config["eval_images"], seed=seed + 1, **shapes)
     model = model if model is not None else tiny_detector(train.num_classes)
+    if config["channels_last"]:  # the weights' layout; the convolutions then keep it throughout
+        model = model.to(memory_format=torch.channels_last)
     start, start_cpu = time.perf_counter(), time.process_time()
     with ops_backend(config["ops"]), cpu_threads(threads):
         history = fit(model, make_loader(train, config["batch_size"]), 1, lr=config["lr"],

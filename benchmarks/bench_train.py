@@ -173,6 +173,33 @@ def synthetic_step_by_ops(repeats: int) -> None:
     report("synthetic_data_share_of_step", render * recipe["batch_size"] / pure)
 
 
+def synthetic_step_by_layout(repeats: int) -> None:
+    """Seconds per training step of ``tiny_detector`` on the recipe's batch, its weights (and so
+    its feature maps) in the default NCHW layout against ``channels_last`` (NHWC, which
+    ``course.shapes_experiment`` uses), on 1 and 2 threads, steps alternating between the two
+    models (same start, same batch)."""
+    recipe = course.SHAPES_RECIPE
+    data = fc.SyntheticShapesDataset(recipe["batch_size"], recipe["image_size"], seed=0, train=True,
+                                     object_size=recipe["object_size"])
+    images, targets = next(iter(engine.make_loader(data, recipe["batch_size"], shuffle=False)))
+    trainers = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(0)
+        model = fc.tiny_detector(data.num_classes).train().to(memory_format=layout)
+        trainers.append((model, engine.make_optimizer(model, lr=0.01)))
+
+    def step(trainer, threads):
+        with fc.ops_backend(recipe["ops"]), fc.cpu_threads(threads):
+            engine.train_step(trainer[0], images, targets, trainer[1])
+
+    for threads in (1, 2):
+        nchw, nhwc = side_by_side([lambda: step(trainers[0], threads),
+                                   lambda: step(trainers[1], threads)], repeats * 4)
+        report(f"synthetic_step_s_nchw_{threads}_threads", nchw)
+        report(f"synthetic_step_s_channels_last_{threads}_threads", nhwc)
+        report(f"synthetic_step_channels_last_over_nchw_{threads}_threads", nhwc / nchw)
+
+
 def busy_machine(repeats: int) -> None:
     """Training steps of ``tiny_detector`` (the recipe's batch) on a quiet machine and while one
     other CPU-bound process runs (this script starts it, and stops it after): 2 threads, and the
@@ -253,6 +280,7 @@ def main() -> None:
         busy_machine(args.repeats)
     if "synthetic" not in args.skip:
         synthetic_step_by_ops(args.repeats)
+        synthetic_step_by_layout(args.repeats)
         synthetic_proof()
     if args.r50_curve:
         r50_curve(args.r50_curve, max(1, args.r50_curve // 10))
