@@ -1903,10 +1903,9 @@ def tiny_detector(num_classes: int, widths: Sequence[int] = (32, 64, 64, 64),
     AP50 of 0.977, 0.996 and 0.990 (seeds 0, 1, 2, in the recipe's channels_last layout). Earlier
     runs in the default layout: a canonical size of 32 (boxes spanning 2 to 4 cells) reached 0.44
     after 600 steps, 32 FPN channels 0.69 after 500, and 450 steps with these settings 0.66; 800
-    steps 0.89 in one run. A 256-wide box head and fewer
-    proposals and sampled ROIs than COCO's defaults (a few objects per image need no more; cutting
-    the training proposals to 300 per level made one run fail, AP50 0.03). ``overrides`` replace
-    any ``FasterRCNN`` argument.
+    steps 0.89 in one run. A 256-wide box head and fewer proposals and sampled ROIs than COCO's
+    defaults (a few objects per image need no more; cutting the training proposals to 300 per
+    level made one run fail, AP50 0.03). ``overrides`` replace any ``FasterRCNN`` argument.
     """
     settings = dict(
         use_fpn=True, fpn_channels=64,
