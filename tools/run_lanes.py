@@ -52,6 +52,8 @@ def run_one(name: str, command: str, cores: set[int] | None, width: int, began: 
     process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, bufsize=1, preexec_fn=pin)
     for line in iter(process.stdout.readline, ""):
+        if not line.strip():  # the progress relay's blank separators: noise once prefixed
+            continue
         sys.stdout.write(f"{name:<{width}} | {line}")
         sys.stdout.flush()
     results[name] = (process.wait(), time.perf_counter() - began)
