@@ -31,10 +31,12 @@ TO_NOTEBOOKS_LANE := tests/test_research.py::test_custom_backbone_learns_as_well
                      tests/test_train.py::test_small_detector_learns_the_shapes
 
 ## unit tests and every notebook (nbval, fast mode, CPU, offline) side by side, a core each (times in README)
+# (plain `make` in the lanes, not $(MAKE): `make -n test` must only print, and make runs any line
+# that names $(MAKE) even under -n)
 test: setup
 	@$(PY) tools/run_lanes.py \
-	    "unit=$(MAKE) --no-print-directory unit UNIT_ARGS='$(addprefix --deselect ,$(TO_NOTEBOOKS_LANE))'" \
-	    "notebooks=$(MAKE) --no-print-directory notebooks && $(PY) -m pytest -q $(TO_NOTEBOOKS_LANE)"
+	    "unit=make --no-print-directory unit UNIT_ARGS='$(addprefix --deselect ,$(TO_NOTEBOOKS_LANE))'" \
+	    "notebooks=make --no-print-directory notebooks && $(PY) -m pytest -q $(TO_NOTEBOOKS_LANE)"
 
 ## the unit tests only (tests/)
 unit: setup
