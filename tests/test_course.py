@@ -498,29 +498,7 @@ def test_draw_fpn_diagram_draws_every_level_its_lateral_sum_and_output_and_the_p
         plt.close(ax.figure)
 
 
-# ─── the notebooks' code cells ──────────────────────────────────────────────────────────────
 
-
-def test_every_code_cell_fits_a_screen_25_lines_of_at_most_100_characters():
-    """What a learner reads at once: no code cell over 25 lines, no line over 100 characters
-    (longer code belongs in a module function the cell calls)."""
-    import glob
-    import json
-
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
-    too_long = []
-    for path in sorted(glob.glob(os.path.join(folder, "*.ipynb"))):
-        cells = json.load(open(path))["cells"]
-        for index, cell in enumerate(cells):
-            if cell["cell_type"] != "code":
-                continue
-            lines = "".join(cell["source"]).rstrip("\n").split("\n")
-            wide = [n + 1 for n, line in enumerate(lines) if len(line) > 100]
-            if len(lines) > 25 or wide:
-                too_long.append(f"{os.path.basename(path)} cell {index}: {len(lines)} lines"
-                                + (f", lines {wide} over 100 characters" if wide else ""))
-    assert len(glob.glob(os.path.join(folder, "*.ipynb"))) == 6
-    assert not too_long, "\n".join(too_long)
 def test_roi_pool_bins_are_the_cells_torchvision_roi_pool_takes_the_maximum_over():
     import torchvision
 
@@ -566,3 +544,28 @@ def test_the_roi_pool_picture_draws_the_cells_torchvision_roi_pool_reads():
     assert maxima == theirs.flatten().tolist()  # bins drawn row by row, as roi_pool lays them out
     assert len(align.lines) > 0 and len(align.patches) == 1 + 9  # the exact box and 9 equal bins
     plt.close(fig)
+
+
+# ─── the notebooks' code cells ──────────────────────────────────────────────────────────────
+
+
+def test_every_code_cell_fits_a_screen_25_lines_of_at_most_100_characters():
+    """What a learner reads at once: no code cell over 25 lines, no line over 100 characters
+    (longer code belongs in a module function the cell calls)."""
+    import glob
+    import json
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
+    too_long = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.ipynb"))):
+        cells = json.load(open(path))["cells"]
+        for index, cell in enumerate(cells):
+            if cell["cell_type"] != "code":
+                continue
+            lines = "".join(cell["source"]).rstrip("\n").split("\n")
+            wide = [n + 1 for n, line in enumerate(lines) if len(line) > 100]
+            if len(lines) > 25 or wide:
+                too_long.append(f"{os.path.basename(path)} cell {index}: {len(lines)} lines"
+                                + (f", lines {wide} over 100 characters" if wide else ""))
+    assert len(glob.glob(os.path.join(folder, "*.ipynb"))) == 6
+    assert not too_long, "\n".join(too_long)
