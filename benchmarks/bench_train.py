@@ -133,15 +133,15 @@ def peak_memory() -> None:
     report("train_step_rss_growth_ckpt_on_over_off", growth["on"] / growth["off"])
 
 
-def recipe_step():
-    """One batch of the shapes recipe and a fresh ``tiny_detector`` with its optimiser: a function
-    ``step(backend, threads)`` that trains one step on that batch."""
+def recipe_step(layout: torch.memory_format = torch.contiguous_format):
+    """One batch of the shapes recipe and a fresh ``tiny_detector`` (seed 0) in memory ``layout``
+    with its optimiser: a function ``step(backend, threads)`` that trains one step on that batch."""
     recipe = course.SHAPES_RECIPE
     data = fc.SyntheticShapesDataset(recipe["batch_size"], recipe["image_size"], seed=0, train=True,
                                      object_size=recipe["object_size"])
     images, targets = next(iter(engine.make_loader(data, recipe["batch_size"], shuffle=False)))
     torch.manual_seed(0)
-    model = fc.tiny_detector(data.num_classes).train()
+    model = fc.tiny_detector(data.num_classes).train().to(memory_format=layout)
     optimizer = engine.make_optimizer(model, lr=0.01)
 
     def step(backend, threads=None):
@@ -178,23 +178,11 @@ def synthetic_step_by_layout(repeats: int) -> None:
     its feature maps) in the default NCHW layout against ``channels_last`` (NHWC, which
     ``course.shapes_experiment`` uses), on 1 and 2 threads, steps alternating between the two
     models (same start, same batch)."""
-    recipe = course.SHAPES_RECIPE
-    data = fc.SyntheticShapesDataset(recipe["batch_size"], recipe["image_size"], seed=0, train=True,
-                                     object_size=recipe["object_size"])
-    images, targets = next(iter(engine.make_loader(data, recipe["batch_size"], shuffle=False)))
-    trainers = []
-    for layout in (torch.contiguous_format, torch.channels_last):
-        torch.manual_seed(0)
-        model = fc.tiny_detector(data.num_classes).train().to(memory_format=layout)
-        trainers.append((model, engine.make_optimizer(model, lr=0.01)))
-
-    def step(trainer, threads):
-        with fc.ops_backend(recipe["ops"]), fc.cpu_threads(threads):
-            engine.train_step(trainer[0], images, targets, trainer[1])
-
+    ops = course.SHAPES_RECIPE["ops"]
+    in_nchw, in_nhwc = recipe_step(), recipe_step(torch.channels_last)
     for threads in (1, 2):
-        nchw, nhwc = side_by_side([lambda: step(trainers[0], threads),
-                                   lambda: step(trainers[1], threads)], repeats * 4)
+        nchw, nhwc = side_by_side([lambda: in_nchw(ops, threads), lambda: in_nhwc(ops, threads)],
+                                  repeats * 4)
         report(f"synthetic_step_s_nchw_{threads}_threads", nchw)
         report(f"synthetic_step_s_channels_last_{threads}_threads", nhwc)
         report(f"synthetic_step_channels_last_over_nchw_{threads}_threads", nhwc / nchw)
