@@ -25,8 +25,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -c "import torch, torchvision, datasets, pycocotools, nbval, matplotlib, tqdm, frcnn_common, frcnn_engine, frcnn_course"
 	touch $@
 
-# The two tests that train a detector to a score (100 to 112 s on one core, measured) run in make test's
-# notebooks lane, which would otherwise finish some 200 s before the unit tests' lane.
+# The two tests that train a detector to a score (100 to 112 s on one core, measured) run in
+# make test's notebooks lane, which would otherwise finish some 200 s before the unit tests' lane.
 TO_NOTEBOOKS_LANE := tests/test_research.py::test_custom_backbone_learns_as_well_as_torchvision \
                      tests/test_train.py::test_small_detector_learns_the_shapes
 
