@@ -74,10 +74,12 @@ def run_lanes(lanes: list[tuple[str, str]]) -> int:
             thread.start()
         for thread in threads:
             thread.join()
-    parts = [f"{name} {'passed' if code == 0 else f'FAILED (exit {code})'} at {seconds:.0f} s"
-             + (f" on core(s) {sorted(cores)}" if groups else "")
-             for (name, _), cores in zip(lanes, groups or [None] * len(lanes))
-             for code, seconds in [results[name]]]
+    parts = []
+    for (name, _), cores in zip(lanes, groups or [None] * len(lanes)):
+        code, seconds = results[name]
+        verdict = "passed" if code == 0 else f"FAILED (exit {code})"
+        parts.append(f"{name} {verdict} at {seconds:.0f} s"
+                     + (f" on core(s) {sorted(cores)}" if cores else ""))
     print(f"run_lanes: {'; '.join(parts)}; {time.perf_counter() - began:.0f} s in all")
     return 0 if all(code == 0 for code, _ in results.values()) else 1
 
